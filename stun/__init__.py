@@ -1,0 +1,1 @@
+"""STUN and TURN server (RFC 8489, RFC 8656)."""

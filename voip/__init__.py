@@ -1,0 +1,1 @@
+"""Opus/RTP media relay for Jingle calls."""

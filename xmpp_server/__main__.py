@@ -1,0 +1,3 @@
+from xmpp_server.cli import main
+
+raise SystemExit(main())
