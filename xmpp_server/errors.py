@@ -7,6 +7,8 @@ turns a :class:`StanzaError` into an error reply.
 
 from __future__ import annotations
 
+from typing import Any
+
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
 NS_STANZA_ERRORS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -90,6 +92,7 @@ class StanzaError(Exception):
         *,
         condition: str | None = None,
         type: str | None = None,
+        extra: list[Any] | None = None,
     ) -> None:
         if condition is not None:
             self.condition = condition
@@ -97,6 +100,8 @@ class StanzaError(Exception):
             raise ValueError(f"unknown stanza error condition {self.condition!r}")
         self.type = type or STANZA_CONDITIONS[self.condition]
         self.text = text
+        # Application-specific condition elements, appended after the defined condition.
+        self.extra: list[Any] = extra or []
         super().__init__(f"{self.condition}: {text}" if text else self.condition)
 
 

@@ -1,0 +1,42 @@
+# Natter: `make run` starts a demo server, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= deploy/natterd.demo.toml
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/natterctl --config $(CONFIG) cert generate --if-missing
+	$(BIN)/natterctl --config $(CONFIG) db upgrade
+	@echo
+	@echo "natterd is starting for the domain 'localhost' (STARTTLS on 5222, direct TLS on 5223)."
+	@echo "In another terminal, add users with:"
+	@echo "    $(BIN)/natterctl --config $(CONFIG) user add alice@localhost"
+	@echo "then log in with any XMPP client as alice@localhost on 127.0.0.1:5222"
+	@echo "(the certificate is self-signed: accept it in the client)."
+	@echo
+	$(BIN)/natterd --config $(CONFIG) run
+
+test: $(STAMP)
+	@./scripts/install-peers.sh
+	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check xmpp_server stun voip tests schema bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	@echo "benchmarks are added with the performance issue; see bench/README.md"
+
+clean:
+	rm -rf $(VENV) data .test-services

@@ -1,0 +1,461 @@
+"""The ``natterd`` and ``natterctl`` command lines.
+
+Both are ``f(argv) -> int`` so tests call them directly. Exit codes: 0 ok, 1 the operation
+failed (already exists, not found), 2 usage, configuration or input error, 3 the database
+schema is not migrated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import importlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from xmpp_server import __version__
+from xmpp_server.config import Config, ConfigError, load_config
+from xmpp_server.credentials import ScramCredentials
+from xmpp_server.jid import JID
+
+if TYPE_CHECKING:
+    from xmpp_server.storage import Storage
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_MIGRATED = 3
+
+
+class CommandFailed(Exception):
+    """Ends a command with a message on stderr and the given exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(prog: str, text: str) -> None:
+    sys.stderr.write(f"{prog}: {text}\n")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """argparse exits on --help and on errors; turn that into a return code."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Sub-parsers repeat --config so it works after the command too; SUPPRESS keeps them
+    # from resetting a value given before the command.
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None if top else argparse.SUPPRESS,
+        help="configuration file (default: $NATTERD_CONFIG, then /etc/natterd/natterd.toml)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# natterd
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: Config) -> None:
+    """Route logging to stderr at the configured level and format."""
+    handler = logging.StreamHandler()
+    if config.logging.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.logging.level.upper(), handlers=[handler], force=True)
+    if config.logging.level != "debug":
+        # Alembic announces each of its plugins at INFO whenever the schema revision is read.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``natterd [--config FILE] [run]``: serve until interrupted."""
+    parser = argparse.ArgumentParser(prog="natterd", description="Natter XMPP server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _config_option(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _config_option(commands.add_parser("run", help="serve clients (the default)"), top=False)
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+    return _run(args.config)
+
+
+def _run(config_path: str | None) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _err("natterd", str(exc))
+        return EXIT_USAGE
+    configure_logging(config)
+    # Imported here so natterctl and check-config never pay for the whole server.
+    from xmpp_server import server
+    from xmpp_server.storage import NotMigrated
+
+    try:
+        asyncio.run(server.serve(config))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ConfigError as exc:
+        _err("natterd", str(config.explain(exc)))
+        return EXIT_USAGE
+    except NotMigrated as exc:
+        _err("natterd", str(exc))
+        return EXIT_NOT_MIGRATED
+    except OSError as exc:  # typically: address already in use
+        _err("natterd", f"cannot serve: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# natterctl
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+def _ctl_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="natterctl", description="Natter administration")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _config_option(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(parent: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        _config_option(sub, top=False)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    user = commands.add_parser("user", help="manage accounts").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    cmd = command(user, "add", _user_add, "create an account")
+    cmd.add_argument("jid")
+    cmd.add_argument("--password-file", metavar="FILE", help="read the password's first line")
+    cmd = command(user, "passwd", _user_passwd, "set an account's password")
+    cmd.add_argument("jid")
+    cmd.add_argument("--password-file", metavar="FILE", help="read the password's first line")
+    command(user, "delete", _user_delete, "delete an account and its data").add_argument("jid")
+    cmd = command(user, "list", _user_list, "list accounts")
+    cmd.add_argument("--domain", help="list this domain (default: the configured domain)")
+    command(user, "show", _user_show, "show an account").add_argument("jid")
+
+    db = commands.add_parser("db", help="manage the database schema").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    command(db, "upgrade", _db_upgrade, "migrate the database to the current schema")
+    command(db, "status", _db_status, "show the schema revision (exit 3 when behind)")
+
+    cert = commands.add_parser("cert", help="manage the TLS certificate").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    cmd = command(cert, "generate", _cert_generate, "write a self-signed certificate")
+    existing = cmd.add_mutually_exclusive_group()
+    existing.add_argument("--force", action="store_true", help="replace existing files")
+    existing.add_argument(
+        "--if-missing", action="store_true", help="do nothing (and succeed) if both files exist"
+    )
+
+    command(commands, "check-config", _check_config, "validate the configuration")
+    return parser
+
+
+def ctl_main(argv: list[str] | None = None) -> int:
+    """``natterctl [--config FILE] COMMAND ...``: administration without a running server."""
+    args = _parse(_ctl_parser(), argv)
+    if isinstance(args, int):
+        return args
+    from xmpp_server.storage import NotMigrated
+
+    handler: Handler = args.handler
+    try:
+        config = load_config(args.config)
+        return handler(args, config)
+    except CommandFailed as exc:
+        _err("natterctl", str(exc))
+        return exc.code
+    except ConfigError as exc:
+        _err("natterctl", str(exc))
+        return EXIT_USAGE
+    except NotMigrated as exc:
+        _err("natterctl", str(exc))
+        return EXIT_NOT_MIGRATED
+    except (SQLAlchemyError, OSError) as exc:
+        _err("natterctl", f"database error: {exc}")
+        return EXIT_FAILED
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    raise CommandFailed(code, message)
+
+
+@asynccontextmanager
+async def _storage(config: Config) -> AsyncIterator[Storage]:
+    from xmpp_server.storage import Storage
+
+    storage = await Storage.open(config.storage.url)
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+def _account(text: str, config: Config) -> str:
+    """Normalise a bare JID of the served domain, or end the command with exit 2."""
+    try:
+        jid = JID.parse(text)
+    except ValueError as exc:
+        _fail(EXIT_USAGE, f"invalid JID {text!r}: {exc}")
+    if jid.local is None or jid.resource is not None:
+        _fail(EXIT_USAGE, f"invalid JID {text!r}: expected a bare JID like alice@{config.domain}")
+    if jid.domain != config.domain:
+        _fail(EXIT_USAGE, f"unknown domain {jid.domain!r} (this server serves: {config.domain})")
+    return str(jid)
+
+
+def _read_password(source: str | None) -> str:
+    """From a file's first line, stdin (``-``) or a twice-typed prompt; never from argv."""
+    if source is None:
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Repeat password: ") != password:
+                _fail(EXIT_USAGE, "passwords do not match")
+        except EOFError:
+            _fail(EXIT_USAGE, "no password given")
+    elif source == "-":
+        password = sys.stdin.readline()
+    else:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                password = fh.readline()
+        except OSError as exc:
+            _fail(EXIT_USAGE, f"cannot read password file {source}: {exc.strerror}")
+        except UnicodeDecodeError:
+            _fail(EXIT_USAGE, f"password file {source} is not UTF-8 text")
+    password = password.removesuffix("\n").removesuffix("\r")
+    if not password:
+        _fail(EXIT_USAGE, "empty password")
+    return password
+
+
+def _credentials(source: str | None, config: Config) -> list[ScramCredentials]:
+    from xmpp_server.sasl import make_credentials
+
+    password = _read_password(source)
+    try:
+        return make_credentials(password, config.auth.scram_iterations)
+    except ValueError as exc:
+        _fail(EXIT_USAGE, f"invalid password: {exc}")
+
+
+def _user_add(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.storage import AccountExists
+
+    user = _account(args.jid, config)
+
+    async def add() -> int:
+        async with _storage(config) as storage:
+            # Checked before prompting so nobody types a password for nothing.
+            if await storage.accounts.exists(user):
+                _fail(EXIT_FAILED, f"user {user} already exists")
+            credentials = _credentials(args.password_file, config)
+            try:
+                await storage.accounts.create(user, credentials)
+            except AccountExists:
+                _fail(EXIT_FAILED, f"user {user} already exists")
+        _out(f"created user {user}")
+        return EXIT_OK
+
+    return asyncio.run(add())
+
+
+def _user_passwd(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.storage import AccountNotFound
+
+    user = _account(args.jid, config)
+
+    async def passwd() -> int:
+        async with _storage(config) as storage:
+            if not await storage.accounts.exists(user):
+                _fail(EXIT_FAILED, f"no such user {user}")
+            credentials = _credentials(args.password_file, config)
+            try:
+                await storage.accounts.set_credentials(user, credentials)
+            except AccountNotFound:
+                _fail(EXIT_FAILED, f"no such user {user}")
+        _out(f"password changed for {user}")
+        return EXIT_OK
+
+    return asyncio.run(passwd())
+
+
+def _user_delete(args: argparse.Namespace, config: Config) -> int:
+    user = _account(args.jid, config)
+
+    async def delete() -> int:
+        async with _storage(config) as storage:
+            if not await storage.accounts.delete(user):
+                _fail(EXIT_FAILED, f"no such user {user}")
+        _out(f"deleted user {user}")
+        return EXIT_OK
+
+    return asyncio.run(delete())
+
+
+def _user_list(args: argparse.Namespace, config: Config) -> int:
+    domain = config.domain
+    if args.domain is not None:
+        try:
+            jid = JID.parse(args.domain)
+        except ValueError as exc:
+            _fail(EXIT_USAGE, f"invalid domain {args.domain!r}: {exc}")
+        if not jid.is_domain:
+            _fail(EXIT_USAGE, f"invalid domain {args.domain!r}: expected a domain name")
+        domain = jid.domain
+
+    async def list_users() -> int:
+        async with _storage(config) as storage:
+            users = await storage.accounts.list(domain)
+        for user in sorted(users):
+            _out(user)
+        return EXIT_OK
+
+    return asyncio.run(list_users())
+
+
+def _user_show(args: argparse.Namespace, config: Config) -> int:
+    user = _account(args.jid, config)
+
+    async def show() -> int:
+        async with _storage(config) as storage:
+            info = await storage.accounts.info(user)
+        if info is None:
+            _fail(EXIT_FAILED, f"no such user {user}")
+        _out(f"user: {info.user}")
+        _out(f"created_at: {info.created_at.isoformat()}")
+        _out(f"mechanisms: {', '.join(info.mechanisms) or '(none)'}")
+        return EXIT_OK
+
+    return asyncio.run(show())
+
+
+def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.storage.migrations import current_revision, upgrade
+
+    async def run() -> int:
+        await upgrade(config.storage.url)
+        _out(f"database is at schema revision {await current_revision(config.storage.url)}")
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _db_status(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.storage.db import hide_password
+    from xmpp_server.storage.migrations import current_revision, head_revision
+
+    async def run() -> int:
+        current = await current_revision(config.storage.url)
+        head = head_revision()
+        _out(f"database: {hide_password(config.storage.url)}")
+        _out(f"current:  {current if current is not None else 'none (empty database)'}")
+        _out(f"head:     {head}")
+        if current == head:
+            _out("status:   up to date")
+            return EXIT_OK
+        _out("status:   behind; run: natterctl db upgrade")
+        return EXIT_NOT_MIGRATED
+
+    return asyncio.run(run())
+
+
+def _cert_generate(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.tls import generate_self_signed
+
+    cert_path, key_path = config.default_tls_paths()
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if args.if_missing and len(existing) == 2:
+        _out(f"certificate exists: {cert_path}")
+        return EXIT_OK
+    if existing and not (args.force or args.if_missing):
+        _fail(EXIT_FAILED, f"{' and '.join(existing)} already exist(s); use --force to replace")
+    generate_self_signed(cert_path, key_path, [config.domain])
+    _out(f"wrote a self-signed certificate for {config.domain}: {cert_path}, key {key_path}")
+    if config.tls_configured:
+        _err("natterctl", f"note: tls.cert_file is set, so the server uses {config.cert_path}")
+    return EXIT_OK
+
+
+def _validate_modules(config: Config) -> None:
+    """Use the module registry's validator when it exists (it is optional for this command)."""
+    try:
+        modules = importlib.import_module("xmpp_server.modules")
+    except ModuleNotFoundError as exc:
+        if exc.name != "xmpp_server.modules":
+            raise
+        return
+    validate = getattr(modules, "validate_module_options", None)
+    if validate is not None:
+        try:
+            validate(config)
+        except ConfigError as exc:
+            raise config.explain(exc) from None
+
+
+def _check_config(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.storage.db import hide_password
+
+    _validate_modules(config)
+    c2s = config.c2s
+    hosts = ", ".join(c2s.host)
+    listen = f"{hosts} port {c2s.port} (STARTTLS {'required' if c2s.require_tls else 'optional'})"
+    if c2s.direct_tls:
+        listen += f", direct TLS port {c2s.direct_tls_port}"
+    cert = str(config.cert_path)
+    if not config.tls_configured:
+        cert += " (generated on first start if missing)"
+    _out(f"configuration OK: {config.path if config.path else '(no file: defaults)'}")
+    for name, var in sorted(config.env_keys.items()):
+        _out(f"  override:  {name} from {var}")
+    _out(f"  domain:    {config.domain}")
+    _out(f"  data_dir:  {config.data_dir}")
+    _out(f"  storage:   {hide_password(config.storage.url)}")
+    _out(f"  c2s:       {listen}")
+    _out(f"  tls:       {cert}, TLS >= {config.tls.min_version}")
+    _out(f"  auth:      {', '.join(config.auth.mechanisms)}")
+    _out(f"  modules:   {', '.join(sorted(config.modules)) or '(none configured)'}")
+    _out(f"  logging:   {config.logging.level}, {config.logging.format}")
+    return EXIT_OK

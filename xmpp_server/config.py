@@ -1,0 +1,559 @@
+"""Configuration: one TOML file plus ``NATTERD_<SECTION>__<KEY>`` environment overrides.
+
+Everything is validated up front, so a typo fails at start with a message that names the
+dotted key (and the environment variable, when one set it) instead of surfacing later as a
+wrong default. ``parse_options`` is the one validator; modules use it for their own tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from xmpp_server.jid import JID
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG_PATH = Path("/etc/natterd/natterd.toml")
+ENV_PREFIX = "NATTERD_"
+ENV_CONFIG = "NATTERD_CONFIG"
+STORAGE_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+
+Mechanism = Literal[
+    "SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1", "PLAIN"
+]
+MECHANISMS: tuple[Mechanism, ...] = get_args(Mechanism)
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``key`` is the dotted path it concerns, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None, env_var: str | None = None) -> None:
+        self.key = key
+        self.detail = message
+        self.env_var = env_var
+        where = f"{key} (from environment variable {env_var})" if key and env_var else key
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of a table against a frozen dataclass
+
+
+def parse_options(cls: type[T], data: Mapping[str, Any], path: str) -> T:
+    """Build the dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types.
+
+    Field metadata may declare ``min``/``max`` (inclusive), ``gt`` (exclusive lower bound),
+    ``min_items``, ``unique``, ``scalar`` (a single string is accepted for a string list) and
+    ``check`` (a callable returning the normalised value or raising ``ValueError``).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table, got {_show(data)}", path)
+    fields = _fields(cls)
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key (known keys: {known})", _join(path, key))
+    values: dict[str, Any] = {}
+    for name, (tp, f) in fields.items():
+        key = _join(path, name)
+        if name not in data:
+            no_default = dataclasses.MISSING
+            if f.default is no_default and f.default_factory is no_default:
+                raise ConfigError("missing required key", key)
+            continue
+        value = _convert(tp, data[name], key, f.metadata)
+        check: Callable[[Any], Any] | None = f.metadata.get("check")
+        if check is not None:
+            try:
+                value = check(value)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key) from None
+        values[name] = value
+    return cls(**values)
+
+
+@cache
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls) if f.init}
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    """Render a value the way it would look in TOML, for error messages."""
+    if isinstance(value, Mapping):
+        return "a table"
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
+    """The 'expected ...' phrase for a type with its bounds."""
+    origin = get_origin(tp)
+    if _is_union(tp):
+        return " or ".join(_describe(a, meta) for a in get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in get_args(tp))
+    if tp is bool:
+        return "true or false"
+    if tp is int or tp is float:
+        noun = "an integer" if tp is int else "a number"
+        lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+        if lo is not None and hi is not None:
+            return f"{noun} between {lo} and {hi}"
+        bounds = [f"> {gt}" if gt is not None else "", f">= {lo}" if lo is not None else ""]
+        bounds.append(f"<= {hi}" if hi is not None else "")
+        return " ".join([noun, *(b for b in bounds if b)])
+    if tp is str:
+        return "a string"
+    if origin in (list, tuple):
+        item = (*get_args(tp), Any)[0]
+        if get_origin(item) is Literal:
+            phrase = "a list of values from " + ", ".join(_show(a) for a in get_args(item))
+        else:
+            phrase = "a list of " + _plural(item)
+        if meta.get("min_items"):
+            phrase = "a non-empty " + phrase.removeprefix("a ")
+        if meta.get("scalar"):
+            phrase = f"{_describe(item, {})} or {phrase}"
+        return phrase
+    if origin is dict:
+        return "a table"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(tp: Any) -> str:
+    return {str: "strings", int: "integers", float: "numbers", bool: "booleans"}.get(
+        tp, _describe(tp, {})
+    )
+
+
+def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(f"expected {_describe(tp, meta)}, got {_show(value)}", key)
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if len(members) == 1:  # X | None: TOML has no null, so this is just X
+            return _convert(members[0], value, key, meta)
+        deeper: ConfigError | None = None
+        for member in members:
+            try:
+                return _convert(member, value, key, meta)
+            except ConfigError as exc:
+                if exc.key != key and deeper is None:
+                    deeper = exc  # the value had the right shape; report what was inside
+        raise deeper or fail()
+    if origin is Literal:
+        for choice in get_args(tp):
+            if type(choice) is type(value) and choice == value:
+                return value
+        raise fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int or tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail()
+        if tp is int and not isinstance(value, int):
+            raise fail()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail()
+        lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise fail()
+        if gt is not None and value <= gt:
+            raise fail()
+        return float(value) if tp is float else value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin in (list, tuple):
+        item = (*get_args(tp), Any)[0]
+        if isinstance(value, str) and meta.get("scalar"):
+            value = [value]
+        if not isinstance(value, list):
+            raise fail()
+        if len(value) < meta.get("min_items", 0):
+            raise fail()
+        items = [_convert(item, v, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+        if meta.get("unique"):
+            seen: set[Any] = set()
+            for i, v in enumerate(items):
+                if v in seen:
+                    raise ConfigError(f"duplicate value {_show(v)}", f"{key}[{i}]")
+                seen.add(v)
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail()
+        _, item = get_args(tp)
+        return {k: _convert(item, v, _join(key, k), {}) for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return parse_options(tp, value, key)
+    raise TypeError(f"{key}: unsupported option type {tp!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _check_domain(value: str) -> str:
+    try:
+        jid = JID.parse(value)
+    except ValueError as exc:
+        raise ValueError(f"invalid domain {_show(value)}: {exc}") from None
+    if not jid.is_domain:
+        raise ValueError(f'expected a bare domain such as "example.org", got {_show(value)}')
+    return jid.domain
+
+
+def _check_storage_url(value: str) -> str:
+    if not value.startswith(STORAGE_SCHEMES):
+        raise ValueError("expected a URL starting with " + " or ".join(STORAGE_SCHEMES))
+    try:
+        make_url(value)
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(f"not a valid database URL: {exc}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    domain: str = field(default="localhost", metadata={"check": _check_domain})
+    """The XMPP domain served (the part after @); normalised to lower case."""
+    data_dir: str = "data"
+    """After loading: the absolute data directory (also ``Config.data_dir`` as a Path)."""
+    name: str = "natterd"
+    """Software name reported by XEP-0092."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = field(
+        default="sqlite+aiosqlite:///{data_dir}/natterd.sqlite3",
+        metadata={"check": _check_storage_url},
+    )
+    """SQLAlchemy URL; ``{data_dir}`` is replaced by the absolute data directory."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    """PEM certificate chain; empty means ``{data_dir}/tls/<domain>.crt``, made on first start."""
+    key_file: str = ""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class C2SConfig:
+    host: tuple[str, ...] = field(default=("0.0.0.0",), metadata={"scalar": True})
+    port: int = field(default=5222, metadata={"min": 0, "max": 65535})
+    """0 binds an ephemeral port (tests)."""
+    direct_tls: bool = True
+    """Also listen for XEP-0368 direct TLS on ``direct_tls_port``."""
+    direct_tls_port: int = field(default=5223, metadata={"min": 0, "max": 65535})
+    require_tls: bool = True
+    idle_timeout: float = field(default=300.0, metadata={"gt": 0})
+    """Seconds without traffic before a stream is closed; also the pre-authentication limit."""
+    read_rate: int = field(default=65536, metadata={"min": 0})
+    """Bytes per second per connection; 0 means unlimited."""
+    read_burst: int = field(default=262144, metadata={"min": 1})
+    max_connections_per_ip: int = field(default=0, metadata={"min": 0})
+    """0 means unlimited."""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_stanza_size: int = field(default=262144, metadata={"min": 10000})
+    max_depth: int = field(default=32, metadata={"min": 2})
+    max_attributes: int = field(default=64, metadata={"min": 8})
+    max_attribute_value: int = field(default=4096, metadata={"min": 1024})
+    max_outbox: int = field(default=1000, metadata={"min": 1})
+    """Stanzas queued for one connection before it is closed as too slow."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mechanisms: tuple[Mechanism, ...] = field(
+        default=MECHANISMS, metadata={"min_items": 1, "unique": True}
+    )
+    """Offered in this order; -PLUS variants are only offered over TLS."""
+    scram_iterations: int = field(default=4096, metadata={"min": 4096})
+    max_failures: int = field(default=5, metadata={"min": 0})
+    """Failed logins per IP within ``failure_window`` before a lockout; 0 disables it."""
+    failure_window: float = field(default=60.0, metadata={"gt": 0})
+    lockout: float = field(default=60.0, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "tls": TlsConfig,
+    "c2s": C2SConfig,
+    "limits": LimitsConfig,
+    "auth": AuthConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration, with every path made absolute."""
+
+    server: ServerConfig
+    storage: StorageConfig
+    tls: TlsConfig
+    c2s: C2SConfig
+    limits: LimitsConfig
+    auth: AuthConfig
+    logging: LoggingConfig
+    modules: dict[str, dict[str, Any]]
+    """Raw ``[modules.<name>]`` tables; the module registry validates them."""
+    path: Path | None
+    data_dir: Path
+    cert_path: Path
+    key_path: Path
+    env_keys: Mapping[str, str] = field(default_factory=dict)
+    """Dotted key → the environment variable that set it, to name it in later errors."""
+
+    @property
+    def domain(self) -> str:
+        return self.server.domain
+
+    @property
+    def tls_configured(self) -> bool:
+        """Whether the certificate files were given explicitly (never generated then)."""
+        return bool(self.tls.cert_file or self.tls.key_file)
+
+    def default_tls_paths(self) -> tuple[Path, Path]:
+        """Where a generated certificate and key live: ``{data_dir}/tls/<domain>.crt/.key``."""
+        base = self.data_dir / "tls" / self.server.domain
+        return base.with_name(base.name + ".crt"), base.with_name(base.name + ".key")
+
+    def explain(self, error: ConfigError) -> ConfigError:
+        """Add the environment variable to an error about a key that one set."""
+        return _name_env_var(error, self.env_keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] = os.environ) -> Config:
+    """Read ``path`` (or ``$NATTERD_CONFIG``, or the standard path if it exists), then the
+    environment overrides, and validate everything."""
+    if path is None or path == "":
+        if env.get(ENV_CONFIG):
+            path = env[ENV_CONFIG]
+        elif DEFAULT_CONFIG_PATH.exists():
+            path = DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    file: Path | None = None
+    if path is not None and path != "":
+        file = Path(path).expanduser().absolute()
+        data = _read_toml(file)
+    env_keys = _apply_env(data, env)
+    base = file.parent if file is not None else Path.cwd()
+    try:
+        return build_config(data, base_dir=base, path=file, env_keys=env_keys)
+    except ConfigError as exc:
+        raise _name_env_var(exc, env_keys) from None
+
+
+def build_config(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    path: Path | None = None,
+    env_keys: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate a parsed TOML document; relative paths are taken relative to ``base_dir``.
+
+    Tests build configurations with this instead of writing a file.
+    """
+    for name, value in data.items():
+        if name not in SECTIONS and name != "modules":
+            known = ", ".join(sorted([*SECTIONS, "modules"]))
+            raise ConfigError(f"unknown section (known sections: {known})", name)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a table, got {_show(value)}", name)
+    sections: dict[str, Any] = {
+        name: parse_options(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()
+    }
+    modules: dict[str, dict[str, Any]] = {}
+    for name, table in data.get("modules", {}).items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"expected a table, got {_show(table)}", f"modules.{name}")
+        modules[name] = dict(table)
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p).absolute()
+
+    server: ServerConfig = sections["server"]
+    if not server.data_dir:
+        raise ConfigError('expected a directory path, got ""', "server.data_dir")
+    data_dir = resolve(server.data_dir)
+    server = dataclasses.replace(server, data_dir=str(data_dir))
+    storage: StorageConfig = sections["storage"]
+    storage = dataclasses.replace(storage, url=storage.url.replace("{data_dir}", str(data_dir)))
+
+    tls: TlsConfig = sections["tls"]
+    if bool(tls.cert_file) != bool(tls.key_file):
+        missing = "tls.key_file" if tls.cert_file else "tls.cert_file"
+        other = "tls.cert_file" if tls.cert_file else "tls.key_file"
+        raise ConfigError(f"must be set when {other} is set", missing)
+    config = Config(
+        server=server,
+        storage=storage,
+        tls=tls,
+        c2s=sections["c2s"],
+        limits=sections["limits"],
+        auth=sections["auth"],
+        logging=sections["logging"],
+        modules=modules,
+        path=path,
+        data_dir=data_dir,
+        cert_path=Path(),
+        key_path=Path(),
+        env_keys=dict(env_keys or {}),
+    )
+    if tls.cert_file:
+        cert_path, key_path = resolve(tls.cert_file), resolve(tls.key_file)
+    else:
+        cert_path, key_path = config.default_tls_paths()
+    return dataclasses.replace(config, cert_path=cert_path, key_path=key_path)
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with file.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_POSITION.search(message)
+        if match:
+            where = f"{file}:{match[1]}:{match[2]}"
+            message = message[: match.start()]
+            raise ConfigError(f"{where}: invalid TOML: {message}") from None
+        raise ConfigError(f"{file}: invalid TOML: {message}") from None
+
+
+def _env_value(raw: str, wants_string: bool) -> Any:
+    """A TOML value if ``raw`` parses as one, else the raw text."""
+    try:
+        value = tomllib.loads("v = " + raw)["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    if wants_string and not isinstance(value, str):
+        return raw  # e.g. NATTERD_TLS__MIN_VERSION=1.3 is the string "1.3", not a float
+    return value
+
+
+def _wants_string(section: str, key: str) -> bool:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return False
+    entry = _fields(cls).get(key)
+    return entry is not None and _accepts_string(entry[0])
+
+
+def _accepts_string(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    if _is_union(tp):
+        return any(_accepts_string(a) for a in get_args(tp))
+    return False
+
+
+def _env_overrides(env: Mapping[str, str]) -> Iterator[tuple[str, list[str], str]]:
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue  # NATTERD_CONFIG and friends are not overrides
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if not all(parts):
+            raise ConfigError(
+                "expected NATTERD_<SECTION>__<KEY> or NATTERD_MODULES__<NAME>__<KEY>", name
+            )
+        yield name, parts, env[name]
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Merge overrides into the parsed file; return dotted key → variable name."""
+    env_keys: dict[str, str] = {}
+    for name, parts, raw in _env_overrides(env):
+        section = parts[0]
+        if section in SECTIONS and len(parts) != 2:
+            raise ConfigError(f"expected NATTERD_{section.upper()}__<KEY>", name)
+        if section not in SECTIONS and section != "modules":
+            known = ", ".join(sorted([*SECTIONS, "modules"]))
+            raise ConfigError(f"unknown section {section!r} (known sections: {known})", name)
+        value = _env_value(raw, len(parts) == 2 and _wants_string(section, parts[1]))
+        table = data
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"cannot set {'.'.join(parts)}: {where} is not a table", name)
+        table[parts[-1]] = value
+        env_keys[".".join(parts)] = name
+    return env_keys
+
+
+def _name_env_var(error: ConfigError, env_keys: Mapping[str, str]) -> ConfigError:
+    key = error.key
+    if key is None or error.env_var is not None:
+        return error
+    for dotted, var in env_keys.items():
+        if key == dotted or key.startswith((dotted + ".", dotted + "[")):
+            return ConfigError(error.detail, key, var)
+    return error

@@ -1,0 +1,242 @@
+"""The asyncio shell around one client socket: read, feed the stream, act on its events, write."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from xmpp_server import stream as st
+from xmpp_server.errors import BadRequest, StreamError
+from xmpp_server.jid import JID
+from xmpp_server.xml import Element
+
+if TYPE_CHECKING:
+    from xmpp_server.server import Host
+
+log = logging.getLogger("natterd.c2s")
+
+READ_SIZE = 65536
+# A client that lets this much output pile up unread is dropped (slow consumer).
+MAX_WRITE_BUFFER = 4 * 1024 * 1024
+
+
+class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the connection's identity: ``[alice@example.org/phone]``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['id']}] {msg}", kwargs  # type: ignore[index]
+
+
+class Connection:
+    """One client connection; once bound it is the router's ``Session``."""
+
+    def __init__(
+        self,
+        host: Host,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        direct_tls: bool,
+    ) -> None:
+        self.host = host
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.ip: str = peer[0] if peer else "?"
+        self.log = ConnectionLog(log, {"id": f"{self.ip}"})
+        settings = host.stream_settings
+        self.stream = st.Stream(
+            settings, tls=direct_tls, bindings=host.bindings if direct_tls else None
+        )
+        # Session state (router.Session protocol).
+        self.jid: JID = JID(None, host.domain)
+        self.available = False
+        self.priority = 0
+        self.presence: Element | None = None
+        self.interested = False
+        self.directed: set[JID] = set()
+        self.bound = False
+        self._closing = False
+        self._tokens = float(host.config.c2s.read_burst)
+        self._last_refill = time.monotonic()
+
+    # -- Session protocol -------------------------------------------------------------
+
+    def deliver(self, stanza: Element) -> None:
+        if self._closing:
+            return
+        self.stream.send(stanza)
+        self._flush()
+
+    def terminate(self, error: StreamError) -> None:
+        self.log.info("closing: %s", error.condition)
+        self.stream.close(error)
+        self._flush()
+        self._close_transport()
+
+    # -- main loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.log.info("connected")
+        try:
+            await self._read_loop()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.log.info("connection lost: %s", exc)
+        except Exception:
+            self.log.exception("connection failed")
+            self.stream.close(StreamError("internal-server-error"))
+            self._flush()
+        finally:
+            self._closing = True
+            if self.bound:
+                self.bound = False
+                await self.host.router.unbind(self)
+            self._close_transport()
+            self.log.info("disconnected")
+
+    async def _read_loop(self) -> None:
+        idle = self.host.config.c2s.idle_timeout
+        while not self.stream.closed and not self._closing:
+            try:
+                async with asyncio.timeout(idle):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                self.terminate(StreamError("connection-timeout", "idle for too long"))
+                return
+            if not data:
+                return
+            await self._handle(self.stream.receive_data(data))
+            self._flush()
+            if not self._closing:
+                await self.writer.drain()
+            await self._rate_limit(len(data))
+
+    async def _rate_limit(self, size: int) -> None:
+        """Token bucket on bytes read: a flooding client is slowed down, not served faster."""
+        rate = self.host.config.c2s.read_rate
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        burst = float(self.host.config.c2s.read_burst)
+        self._tokens = min(burst, self._tokens + (now - self._last_refill) * rate) - size
+        self._last_refill = now
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / rate)
+
+    async def _handle(self, events: list[st.StreamEvent]) -> None:
+        queue = deque(events)
+        while queue:
+            event = queue.popleft()
+            if isinstance(event, st.StanzaReceived):
+                await self.host.router.route(self, event.stanza)
+            elif isinstance(event, st.CredentialsNeeded):
+                queue.extend(await self._credentials(event))
+            elif isinstance(event, st.AuthFailed):
+                self._auth_failed(event)
+            elif isinstance(event, st.Authenticated):
+                self.host.account_throttle.success(str(event.jid))
+                self.log.info("authenticated as %s (%s)", event.jid, event.mechanism)
+                self.log.extra = {"id": str(event.jid)}
+            elif isinstance(event, st.BindRequested):
+                queue.extend(await self._bind(event))
+            elif isinstance(event, st.TlsRequested):
+                await self._start_tls()
+            elif isinstance(event, st.StreamEnded):
+                self._flush()
+                self._closing = True
+                if event.error is not None:
+                    self.log.info("stream error: %s", event.error)
+                    await self._linger()
+                self._close_transport()
+                return
+
+    async def _start_tls(self) -> None:
+        self._flush()
+        await self.writer.drain()
+        try:
+            await self.writer.start_tls(self.host.ssl_context)
+        except Exception as exc:
+            self.log.info("TLS handshake failed: %s", exc)
+            self._closing = True
+            return
+        self.stream.tls_started(self.host.bindings)
+
+    async def _credentials(self, event: st.CredentialsNeeded) -> list[st.StreamEvent]:
+        now = time.monotonic()
+        try:
+            user = str(JID.make(event.username, self.host.domain))
+        except ValueError:
+            return self.stream.provide_credentials(None)
+        wait = max(
+            self.host.ip_throttle.blocked(self.ip, now),
+            self.host.account_throttle.blocked(user, now),
+        )
+        if wait > 0:
+            self.log.info("login for %s throttled for %.0f s", user, wait)
+            return self.stream.reject_auth(
+                "temporary-auth-failure", f"too many failed logins; retry in {wait:.0f} s"
+            )
+        creds = await self.host.storage.accounts.credentials(user, event.mechanism)
+        return self.stream.provide_credentials(creds)
+
+    def _auth_failed(self, event: st.AuthFailed) -> None:
+        self.log.info("authentication failed for %s: %s", event.username, event.condition)
+        if event.condition != "not-authorized":
+            return
+        now = time.monotonic()
+        self.host.ip_throttle.failure(self.ip, now)
+        if event.username:
+            try:
+                self.host.account_throttle.failure(
+                    str(JID.make(event.username, self.host.domain)), now
+                )
+            except ValueError:
+                pass
+
+    async def _bind(self, event: st.BindRequested) -> list[st.StreamEvent]:
+        assert self.stream.jid is not None
+        resource = event.resource or secrets.token_urlsafe(9)
+        try:
+            full = self.stream.jid.with_resource(resource)
+        except ValueError as exc:
+            return self.stream.bind_failed(event.iq, BadRequest(str(exc)))
+        self.jid = full
+        self.log.extra = {"id": str(full)}
+        await self.host.router.bind(self)
+        self.bound = True
+        return self.stream.bind_done(event.iq, full)
+
+    # -- output -----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.stream.data_to_send()
+        if not data or self.writer.is_closing():
+            return
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER and not self._closing:
+            self.log.warning("client does not read its output; closing")
+            self._closing = True
+            self.stream.close(StreamError("resource-constraint", "output not read"))
+            self._close_transport()
+
+    async def _linger(self) -> None:
+        """Half-close and discard what the peer still sends, so our stream error is not lost
+        to a TCP reset (closing with unread input makes the kernel send RST)."""
+        try:
+            await self.writer.drain()
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(2.0):
+                while await self.reader.read(READ_SIZE):
+                    pass
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+
+    def _close_transport(self) -> None:
+        self._closing = True
+        if not self.writer.is_closing():
+            self.writer.close()

@@ -1,0 +1,66 @@
+"""The explicit registry of feature modules and their option validation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from xmpp_server.config import Config, ConfigError, parse_options
+from xmpp_server.modules.base import Module
+from xmpp_server.modules.blocking import Blocking
+from xmpp_server.modules.disco import Disco
+from xmpp_server.modules.last import LastActivity
+from xmpp_server.modules.offline import Offline
+from xmpp_server.modules.ping import Ping
+from xmpp_server.modules.presence import Presence
+from xmpp_server.modules.register import Register
+from xmpp_server.modules.roster import Roster
+from xmpp_server.modules.session import LegacySession
+from xmpp_server.modules.vcard import VCard
+from xmpp_server.modules.version import Version
+
+if TYPE_CHECKING:
+    from xmpp_server.server import Host
+
+MODULES: dict[str, type[Module]] = {
+    module.name: module
+    for module in (
+        LegacySession,
+        Roster,
+        Presence,
+        Offline,
+        Disco,
+        Ping,
+        Version,
+        VCard,
+        LastActivity,
+        Blocking,
+        Register,
+    )
+}
+
+
+def _module_options(name: str, raw: dict[str, Any]) -> tuple[bool, Any]:
+    cls = MODULES.get(name)
+    if cls is None:
+        known = ", ".join(sorted(MODULES))
+        raise ConfigError(f"modules.{name}: unknown module (known modules: {known})")
+    raw = dict(raw)
+    enabled = raw.pop("enabled", cls.enabled_by_default)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"modules.{name}.enabled: expected true or false, got {enabled!r}")
+    return enabled, parse_options(cls.options_class, raw, f"modules.{name}")
+
+
+def validate_module_options(config: Config) -> None:
+    """Raise ConfigError for an unknown module or a bad option (``natterctl check-config``)."""
+    for name, raw in config.modules.items():
+        _module_options(name, raw)
+
+
+def build_modules(host: Host) -> dict[str, Module]:
+    modules: dict[str, Module] = {}
+    for name, cls in MODULES.items():
+        enabled, options = _module_options(name, host.config.modules.get(name, {}))
+        if enabled:
+            modules[name] = cls(host, options)
+    return modules

@@ -1,0 +1,359 @@
+"""The one place that decides where a stanza goes (RFC 6121 §8).
+
+Client stanzas enter through :meth:`Router.route`, which stamps ``from`` so no
+client can speak for another, then classifies the target (the server itself, a
+local account's bare JID, a full JID, a component domain, elsewhere) and either
+hands the stanza to a registered handler or applies the RFC's default rule.
+:class:`StanzaError` raised by a handler is turned into an error reply here and
+nowhere else; errors are never answered with errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from xmpp_server.errors import (
+    InternalServerError,
+    JidMalformed,
+    RemoteServerNotFound,
+    ServiceUnavailable,
+    StanzaError,
+    StreamError,
+)
+from xmpp_server.jid import JID
+from xmpp_server.stanza import KIND, error_reply, payload
+from xmpp_server.xml import Element
+
+log = logging.getLogger("natterd.router")
+
+
+class Session(Protocol):
+    """What the router needs of a bound client session (implemented by Connection)."""
+
+    jid: JID  # full JID
+    available: bool  # sent initial presence and not yet unavailable
+    priority: int
+    presence: Element | None  # last available presence broadcast
+    interested: bool  # asked for the roster: receives roster pushes
+    directed: set[JID]  # JIDs that got directed available presence
+
+    def deliver(self, stanza: Element) -> None: ...
+
+    def terminate(self, error: StreamError) -> None: ...
+
+
+IqHandler = Callable[[Session | None, Element], Awaitable[None]]
+Hook = Callable[[Session | None, Element, JID], Awaitable[bool]]
+"""A hook returns True when it has fully handled the stanza."""
+SessionHook = Callable[[Session], Awaitable[None]]
+DomainHandler = Callable[[Session | None, Element, JID], Awaitable[None]]
+Filter = Callable[[Element, JID, JID], Awaitable[StanzaError | bool]]
+"""(stanza, from, to-bare) → False to pass, True to drop silently, an error to bounce."""
+
+
+@dataclass(frozen=True, slots=True)
+class IqKey:
+    type: str  # "get" | "set"
+    target: str  # "host" | "bare" (a local account, the sender's own included)
+    ns: str
+    tag: str
+
+
+@dataclass
+class _Hooks:
+    items: list[tuple[int, Hook]] = field(default_factory=list)
+
+    def add(self, priority: int, hook: Hook) -> None:
+        self.items.append((priority, hook))
+        self.items.sort(key=lambda item: -item[0])
+
+
+class Router:
+    """Who is online where, and which handler takes which stanza."""
+
+    def __init__(self, domain: str, account_exists: Callable[[JID], Awaitable[bool]]) -> None:
+        self.domain = domain
+        self.account_exists = account_exists
+        self.sessions: dict[JID, dict[str, Session]] = {}
+        self._iq: dict[IqKey, IqHandler] = {}
+        self._hooks: dict[str, _Hooks] = {}
+        self._domains: dict[str, DomainHandler] = {}
+        self._in_filters: list[Filter] = []
+        self._out_filters: list[Filter] = []
+        self._bound: list[SessionHook] = []
+        self._unbound: list[SessionHook] = []
+        self._available: list[SessionHook] = []
+
+    # -- registration -----------------------------------------------------------------
+
+    def add_iq(self, key: IqKey, handler: IqHandler) -> None:
+        if key in self._iq:
+            raise ValueError(f"two handlers for {key}")
+        self._iq[key] = handler
+
+    def add_hook(self, event: str, hook: Hook, priority: int = 0) -> None:
+        """Events: ``message/bare``, ``message/full``, ``message/host``, ``presence/bare``,
+        ``presence/full``, ``presence/host``, ``presence/self`` (no 'to'), ``message/offline``."""
+        self._hooks.setdefault(event, _Hooks()).add(priority, hook)
+
+    def add_domain(self, domain: str, handler: DomainHandler) -> None:
+        self._domains[domain] = handler
+
+    def add_filter(self, direction: str, flt: Filter) -> None:
+        (self._in_filters if direction == "in" else self._out_filters).append(flt)
+
+    def on_bound(self, hook: SessionHook) -> None:
+        self._bound.append(hook)
+
+    def on_unbound(self, hook: SessionHook) -> None:
+        self._unbound.append(hook)
+
+    def on_available(self, hook: SessionHook) -> None:
+        """Called after a session's initial presence (offline delivery starts here)."""
+        self._available.append(hook)
+
+    async def session_available(self, session: Session) -> None:
+        for hook in self._available:
+            await hook(session)
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def resources(self, bare: JID) -> Iterable[Session]:
+        return self.sessions.get(bare, {}).values()
+
+    def available(self, bare: JID) -> list[Session]:
+        return [s for s in self.sessions.get(bare, {}).values() if s.available]
+
+    def session(self, full: JID) -> Session | None:
+        assert full.resource is not None
+        return self.sessions.get(full.bare, {}).get(full.resource)
+
+    async def bind(self, session: Session) -> None:
+        """Register ``session``; an existing session with the same full JID is replaced."""
+        jid = session.jid
+        assert jid.resource is not None
+        resources = self.sessions.setdefault(jid.bare, {})
+        old = resources.get(jid.resource)
+        if old is not None and old is not session:
+            await self.unbind(old)
+            old.terminate(StreamError("conflict", "replaced by a new session"))
+            resources = self.sessions.setdefault(jid.bare, {})
+        resources[jid.resource] = session
+        for hook in self._bound:
+            await hook(session)
+
+    async def unbind(self, session: Session) -> None:
+        jid = session.jid
+        resources = self.sessions.get(jid.bare)
+        if resources is None or resources.get(jid.resource or "") is not session:
+            return
+        for hook in self._unbound:
+            try:
+                await hook(session)
+            except Exception:
+                log.exception("session close hook failed for %s", jid)
+        del resources[jid.resource or ""]
+        if not resources:
+            del self.sessions[jid.bare]
+
+    # -- routing ----------------------------------------------------------------------
+
+    async def route(self, origin: Session, stanza: Element) -> None:
+        """Route a stanza a client sent: stamp ``from``, then deliver it."""
+        stanza.set("from", str(origin.jid))
+        try:
+            to = _to(stanza)
+        except StanzaError as exc:
+            self._bounce(origin, stanza, exc)
+            return
+        await self._dispatch(origin, stanza, to, origin.jid)
+
+    async def deliver(self, stanza: Element) -> None:
+        """Route a stanza the server or a module originates (``from`` already set)."""
+        try:
+            to = _to(stanza)
+            sender = JID.parse(stanza.get("from") or self.domain)
+        except (StanzaError, ValueError):
+            log.warning("dropping server stanza with bad addresses")
+            return
+        await self._dispatch(None, stanza, to, sender)
+
+    async def _dispatch(
+        self, origin: Session | None, stanza: Element, to: JID | None, sender: JID
+    ) -> None:
+        kind = KIND.get(stanza.tag)
+        if kind is None:
+            return
+        try:
+            if to is None:
+                await self._to_self(origin, stanza, kind, sender)
+                return
+            if to.domain != self.domain:
+                handler = self._domains.get(to.domain)
+                if handler is None:
+                    raise RemoteServerNotFound(f"{to.domain} is not served here")
+                if await self._filtered(self._out_filters, stanza, sender, to):
+                    return
+                await handler(origin, stanza, to)
+                return
+            if to.local is None:
+                await self._to_host(origin, stanza, kind, to)
+                return
+            if sender.bare != to.bare or origin is None:
+                if await self._filtered(self._out_filters, stanza, sender, to):
+                    return
+                if await self._filtered(self._in_filters, stanza, sender, to):
+                    return
+            if to.resource is None:
+                await self._to_bare(origin, stanza, kind, to)
+            else:
+                await self._to_full(origin, stanza, kind, to)
+        except StanzaError as exc:
+            self._bounce(origin, stanza, exc)
+        except Exception:
+            log.exception("error while routing a %s", kind)
+            self._bounce(origin, stanza, InternalServerError())
+
+    async def _filtered(self, filters: list[Filter], stanza: Element, sender: JID, to: JID) -> bool:
+        for flt in filters:
+            verdict = await flt(stanza, sender, to)
+            if isinstance(verdict, StanzaError):
+                raise verdict
+            if verdict:
+                return True
+        return False
+
+    async def _run_hooks(
+        self, event: str, origin: Session | None, stanza: Element, to: JID
+    ) -> bool:
+        hooks = self._hooks.get(event)
+        if hooks is not None:
+            for _, hook in hooks.items:
+                if await hook(origin, stanza, to):
+                    return True
+        return False
+
+    async def _handle_iq(self, origin: Session | None, stanza: Element, target: str) -> bool:
+        type_ = stanza.get("type")
+        if type_ not in ("get", "set"):
+            return type_ in ("result", "error")  # answers to nobody are dropped
+        first = payload(stanza)
+        if first is None:
+            raise ServiceUnavailable()
+        ns, _, tag = first.tag[1:].partition("}")
+        handler = self._iq.get(IqKey(type_, target, ns, tag))
+        if handler is None:
+            raise ServiceUnavailable()
+        await handler(origin, stanza)
+        return True
+
+    async def _to_self(
+        self, origin: Session | None, stanza: Element, kind: str, sender: JID
+    ) -> None:
+        if kind == "presence":
+            await self._run_hooks("presence/self", origin, stanza, sender.bare)
+        elif kind == "iq":
+            await self._handle_iq(origin, stanza, "bare")
+        else:
+            await self._to_bare(origin, stanza, kind, sender.bare)
+
+    async def _to_host(self, origin: Session | None, stanza: Element, kind: str, to: JID) -> None:
+        if to.resource is not None and kind != "iq":
+            return
+        if kind == "iq":
+            await self._handle_iq(origin, stanza, "host")
+        else:
+            await self._run_hooks(f"{kind}/host", origin, stanza, to)
+
+    async def _to_bare(self, origin: Session | None, stanza: Element, kind: str, to: JID) -> None:
+        if kind == "iq":
+            if not await self.account_exists(to):
+                raise ServiceUnavailable()
+            await self._handle_iq(origin, stanza, "bare")
+            return
+        if await self._run_hooks(f"{kind}/bare", origin, stanza, to):
+            return
+        if kind == "presence":
+            return  # the presence module owns everything about presence
+        await self.deliver_message_to_bare(origin, stanza, to)
+
+    async def deliver_message_to_bare(
+        self, origin: Session | None, stanza: Element, to: JID
+    ) -> None:
+        """RFC 6121 §8.5.2: a message for an account's bare JID."""
+        type_ = stanza.get("type", "normal")
+        if type_ == "error":
+            return
+        if type_ == "groupchat":
+            raise ServiceUnavailable()
+        sessions = [s for s in self.available(to) if s.priority >= 0]
+        if type_ == "headline":
+            for s in sessions:
+                s.deliver(stanza)
+            return
+        if sessions:
+            top = max(s.priority for s in sessions)
+            for s in sessions:
+                if s.priority == top:
+                    s.deliver(stanza)
+            return
+        if not await self.account_exists(to):
+            raise ServiceUnavailable()
+        if await self._run_hooks("message/offline", origin, stanza, to):
+            return
+        raise ServiceUnavailable("the recipient is offline")
+
+    async def _to_full(self, origin: Session | None, stanza: Element, kind: str, to: JID) -> None:
+        if await self._run_hooks(f"{kind}/full", origin, stanza, to):
+            return
+        session = self.session(to)
+        if session is not None:
+            session.deliver(stanza)
+            return
+        # RFC 6121 §8.5.3.2: no such resource.
+        if kind == "iq":
+            if stanza.get("type") in ("get", "set"):
+                raise ServiceUnavailable()
+        elif kind == "message":
+            type_ = stanza.get("type", "normal")
+            if type_ in ("normal", "chat"):
+                await self.deliver_message_to_bare(origin, stanza, to.bare)
+            elif type_ == "groupchat":
+                raise ServiceUnavailable()
+        elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
+            await self._to_bare(origin, stanza, kind, to.bare)
+
+    def _bounce(self, origin: Session | None, stanza: Element, exc: StanzaError) -> None:
+        """Answer ``stanza`` with an error; never answer an error or a result."""
+        if stanza.get("type") in ("error", "result"):
+            return
+        reply = error_reply(stanza, exc)
+        if not reply.get("from"):
+            # No 'to' meant "my own account": the account answers (RFC 6120 §10.3.3).
+            sender = stanza.get("from") or ""
+            reply.set("from", sender.partition("/")[0] if sender else self.domain)
+        to = reply.get("to") or ""
+        if origin is not None and to == str(origin.jid):
+            origin.deliver(reply)
+            return
+        try:
+            target = JID.parse(to)
+        except ValueError:
+            return
+        if target.domain == self.domain and target.resource is not None:
+            session = self.session(target)
+            if session is not None:
+                session.deliver(reply)
+
+
+def _to(stanza: Element) -> JID | None:
+    to = stanza.get("to")
+    if not to:
+        return None
+    try:
+        return JID.parse(to)
+    except ValueError as exc:
+        raise JidMalformed(str(exc)) from None

@@ -1,0 +1,207 @@
+"""Build everything from the config, open the listeners, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmpp_server import sasl, tls
+from xmpp_server.config import Config
+from xmpp_server.connection import Connection
+from xmpp_server.errors import StreamError
+from xmpp_server.jid import JID
+from xmpp_server.modules import build_modules
+from xmpp_server.modules.base import Module
+from xmpp_server.router import Router
+from xmpp_server.storage import Storage
+from xmpp_server.stream import StreamSettings
+from xmpp_server.throttle import FailureThrottle
+from xmpp_server.xml import XmlLimits
+
+log = logging.getLogger("natterd")
+
+
+@dataclass
+class Host:
+    """Everything a connection or module needs to reach: one per served domain."""
+
+    config: Config
+    storage: Storage
+    router: Router
+    ssl_context: ssl.SSLContext
+    bindings: sasl.ChannelBindings
+    stream_settings: StreamSettings
+    ip_throttle: FailureThrottle
+    account_throttle: FailureThrottle
+    modules: dict[str, Module] = field(default_factory=dict)
+    started_at: float = 0.0
+
+    @property
+    def domain(self) -> str:
+        return self.config.server.domain
+
+
+class Server:
+    """A running natterd: ``await Server.start(config)``, then ``await server.stop()``."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_ip: dict[str, int] = {}
+
+    @classmethod
+    async def start(cls, config: Config) -> Server:
+        storage = await Storage.open(config.storage.url)
+        try:
+            cert, key = tls.ensure_certificate(config)
+            context = tls.server_context(cert, key, config.tls.min_version)
+            bindings = sasl.ChannelBindings(
+                {"tls-server-end-point": sasl.tls_server_end_point(tls.certificate_der(cert))}
+            )
+            domain = config.server.domain
+            limits = config.limits
+            settings = StreamSettings(
+                domain=domain,
+                require_tls=config.c2s.require_tls,
+                mechanisms=tuple(config.auth.mechanisms),
+                limits=XmlLimits(
+                    max_stanza_size=limits.max_stanza_size,
+                    max_depth=limits.max_depth,
+                    max_attributes=limits.max_attributes,
+                    max_attribute_value=limits.max_attribute_value,
+                ),
+                fake_secret=hmac.new(
+                    key.read_bytes(), b"natterd fake SCRAM salt", "sha256"
+                ).digest(),
+                scram_iterations=config.auth.scram_iterations,
+            )
+
+            async def account_exists(jid: JID) -> bool:
+                return await storage.accounts.exists(str(jid.bare))
+
+            auth = config.auth
+            host = Host(
+                config=config,
+                storage=storage,
+                router=Router(domain, account_exists),
+                ssl_context=context,
+                bindings=bindings,
+                stream_settings=settings,
+                ip_throttle=FailureThrottle(
+                    auth.max_failures * 4, auth.failure_window, auth.lockout
+                ),
+                account_throttle=FailureThrottle(
+                    auth.max_failures, auth.failure_window, auth.lockout
+                ),
+                started_at=asyncio.get_running_loop().time(),
+            )
+            host.modules = build_modules(host)
+            for module in host.modules.values():
+                module.setup()
+            for module in host.modules.values():
+                await module.start()
+            server = cls(host)
+            await server._listen()
+        except BaseException:
+            await storage.close()
+            raise
+        return server
+
+    async def _listen(self) -> None:
+        c2s = self.host.config.c2s
+        hosts: Any = c2s.host
+        self._servers.append(
+            await asyncio.start_server(self._accept_plain, hosts, c2s.port, limit=1 << 20)
+        )
+        if c2s.direct_tls:
+            self._servers.append(
+                await asyncio.start_server(
+                    self._accept_tls,
+                    hosts,
+                    c2s.direct_tls_port,
+                    ssl=self.host.ssl_context,
+                    ssl_handshake_timeout=30,
+                    limit=1 << 20,
+                )
+            )
+        for srv in self._servers:
+            for sock in srv.sockets:
+                log.info("listening on %s", sock.getsockname()[:2])
+
+    @property
+    def c2s_port(self) -> int:
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def direct_tls_port(self) -> int | None:
+        if len(self._servers) < 2:
+            return None
+        return int(self._servers[1].sockets[0].getsockname()[1])
+
+    async def _accept_plain(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._serve(reader, writer, direct_tls=False)
+
+    async def _accept_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer, direct_tls=True)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, direct_tls: bool
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if peer else "?"
+        cap = self.host.config.c2s.max_connections_per_ip
+        if cap and self._per_ip.get(ip, 0) >= cap:
+            writer.close()
+            return
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        conn = Connection(self.host, reader, writer, direct_tls=direct_tls)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
+
+    async def stop(self) -> None:
+        """Stop accepting, tell every client the server is going away, close storage."""
+        for srv in self._servers:
+            srv.close()
+        for conn in list(self._connections):
+            conn.terminate(StreamError("system-shutdown"))
+        for _ in range(50):
+            if not self._connections:
+                break
+            await asyncio.sleep(0.02)
+        for srv in self._servers:
+            await srv.wait_closed()
+        for module in self.host.modules.values():
+            await module.stop()
+        await self.host.storage.close()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT/SIGTERM (the ``natterd run`` entry point)."""
+    server = await Server.start(config)
+    log.info("natterd serving %s", config.server.domain)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        log.info("shutting down")
+        await server.stop()

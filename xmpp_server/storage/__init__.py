@@ -1,0 +1,100 @@
+"""Persistent data: one :class:`Storage` per server, one small store per aggregate.
+
+The same code runs on PostgreSQL (``postgresql+asyncpg://…``) and SQLite
+(``sqlite+aiosqlite:///path``); the schema is owned by Alembic (``schema/``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from .accounts import AccountInfo, Accounts
+from .blocklist import Blocklists
+from .db import hide_password, is_memory_sqlite, make_engine, sqlite_file
+from .errors import AccountExists, AccountNotFound, NotMigrated
+from .last_activity import LastActivity
+from .migrations import head_revision, is_known_revision, revision_of, upgrade_engine
+from .offline import OfflineMessages
+from .rosters import RosterItem, Rosters
+from .subscriptions import PendingSubscriptions
+from .vcards import VCards
+
+__all__ = [
+    "AccountExists",
+    "AccountInfo",
+    "AccountNotFound",
+    "Accounts",
+    "Blocklists",
+    "LastActivity",
+    "NotMigrated",
+    "OfflineMessages",
+    "PendingSubscriptions",
+    "RosterItem",
+    "Rosters",
+    "Storage",
+    "VCards",
+]
+
+
+class Storage:
+    """An engine, its session factory and the stores that use them."""
+
+    def __init__(self, url: str, engine: AsyncEngine) -> None:
+        self.url = url
+        self.engine = engine
+        # Loaded rows are plain values after commit; nothing lazy-loads behind a store's back.
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        dialect = engine.dialect.name
+        self.accounts = Accounts(self.sessions, dialect)
+        self.rosters = Rosters(self.sessions, dialect)
+        self.subscriptions = PendingSubscriptions(self.sessions, dialect)
+        self.vcards = VCards(self.sessions, dialect)
+        self.last_activity = LastActivity(self.sessions, dialect)
+        self.blocklist = Blocklists(self.sessions, dialect)
+        self.offline = OfflineMessages(self.sessions, dialect)
+
+    @classmethod
+    async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:
+        """Connect; raises NotMigrated unless the schema is at the head revision.
+
+        An in-memory SQLite database (``sqlite+aiosqlite://``) starts empty every time, so it
+        is migrated here instead.
+        """
+        parsed = make_url(url)
+        path = sqlite_file(parsed)
+        if require_migrated and path is not None and not Path(path).exists():
+            raise NotMigrated(hide_password(url), None, head_revision())
+        engine = make_engine(url)
+        try:
+            if is_memory_sqlite(parsed):
+                await upgrade_engine(engine)
+            elif require_migrated:
+                current, head = await revision_of(engine), head_revision()
+                if current != head:
+                    known = current is None or is_known_revision(current)
+                    raise NotMigrated(hide_password(url), current, head, known=known)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(url, engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Storage({hide_password(self.url)!r})"

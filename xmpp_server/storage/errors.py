@@ -1,0 +1,28 @@
+"""Storage exceptions, importable without pulling in SQLAlchemy engines."""
+
+from __future__ import annotations
+
+
+class NotMigrated(Exception):
+    """The database schema is not the one this code was written for: refuse to touch it."""
+
+    def __init__(self, url: str, current: str | None, head: str, *, known: bool = True) -> None:
+        self.url = url  # password already hidden
+        self.current = current
+        self.head = head
+        at = current if current is not None else "none (empty database)"
+        if known:
+            advice = "run: natterctl db upgrade"
+        else:
+            advice = "it was migrated by a newer natterd; run that version or restore a backup"
+        super().__init__(
+            f"database {url} is at schema revision {at}, the server needs {head}; {advice}"
+        )
+
+
+class AccountExists(Exception):
+    pass
+
+
+class AccountNotFound(Exception):
+    pass

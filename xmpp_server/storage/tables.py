@@ -1,0 +1,186 @@
+"""The schema, defined once: Alembic migrates it and ``alembic check`` compares against it.
+
+Per-user tables key rows by ``(domain, username)`` like ejabberd's ``(server_host, username)``,
+without a foreign key to ``accounts``: stores work for any local user, and deleting an account
+wipes every :class:`UserRow` table explicitly (see :func:`user_tables`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint names must be stable and identical on every backend, or batch migrations on
+# SQLite (which recreate tables) and `alembic check` cannot find them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGSERIAL on PostgreSQL; on SQLite only "INTEGER PRIMARY KEY" is the autoincrementing rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``timestamptz`` that also comes back aware from SQLite, which stores no offset."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: storage needs timezone-aware timestamps")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UserRow:
+    """Mixin for data owned by one local user; deleting the account deletes these rows."""
+
+    domain: Mapped[str] = mapped_column(Text, sort_order=-2)
+    username: Mapped[str] = mapped_column(Text, sort_order=-1)
+
+
+def user_tables() -> list[type[UserRow]]:
+    """Every mapped per-user table, so a table added later is wiped with the account too."""
+    return sorted(
+        (m.class_ for m in Base.registry.mappers if issubclass(m.class_, UserRow)),
+        key=lambda cls: cls.__name__,
+    )
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (Index(None, "domain", "username", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    domain: Mapped[str] = mapped_column(Text)
+    username: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class AccountCredential(Base):
+    """One row per SCRAM family; the password itself is never stored."""
+
+    __tablename__ = "account_credentials"
+    __table_args__ = (PrimaryKeyConstraint("account_id", "mechanism"),)
+
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"))
+    mechanism: Mapped[str] = mapped_column(Text)
+    salt: Mapped[bytes] = mapped_column(LargeBinary)
+    iterations: Mapped[int] = mapped_column(Integer)
+    stored_key: Mapped[bytes] = mapped_column(LargeBinary)
+    server_key: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RosterEntry(UserRow, Base):
+    __tablename__ = "roster_items"
+    __table_args__ = (
+        Index(None, "domain", "username", "jid", unique=True),
+        CheckConstraint("subscription IN ('none', 'to', 'from', 'both')", name="subscription"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    jid: Mapped[str] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(Text)
+    subscription: Mapped[str] = mapped_column(Text)
+    ask: Mapped[bool] = mapped_column(Boolean)
+    approved: Mapped[bool] = mapped_column(Boolean)
+    # Groups are only ever read and replaced with their item, so a JSON list beats a join.
+    groups: Mapped[list[str]] = mapped_column(JSON)
+
+
+class RosterVersion(UserRow, Base):
+    """RFC 6121 §2.6 roster versioning: a counter bumped in the same transaction as the change."""
+
+    __tablename__ = "roster_versions"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username"),)
+
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+class PendingSubscription(UserRow, Base):
+    __tablename__ = "pending_subscriptions"
+    # AUTOINCREMENT keeps SQLite from reusing the highest id after a delete: ids give arrival order.
+    __table_args__ = (
+        Index(None, "domain", "username", "contact", unique=True),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    contact: Mapped[str] = mapped_column(Text)
+    stanza: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class VCard(UserRow, Base):
+    __tablename__ = "vcards"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username"),)
+
+    xml: Mapped[str] = mapped_column(Text)
+
+
+class LastSeen(UserRow, Base):
+    """XEP-0012 Last Activity: when and with which status the user last went offline."""
+
+    __tablename__ = "last_activity"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username"),)
+
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    status: Mapped[str] = mapped_column(Text)
+
+
+class BlockedJid(UserRow, Base):
+    """XEP-0191 Blocking Command list."""
+
+    __tablename__ = "blocklist"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username", "jid"),)
+
+    jid: Mapped[str] = mapped_column(Text)
+
+
+class OfflineMessage(UserRow, Base):
+    __tablename__ = "offline_messages"
+    __table_args__ = (
+        Index(None, "domain", "username", "id"),
+        {"sqlite_autoincrement": True},  # ids must only grow, also after deletes
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    xml: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -1,0 +1,283 @@
+"""Incremental, restricted XML for XMPP streams (RFC 6120 §11).
+
+``XmlStreamParser`` is fed raw bytes and returns events: the stream header, each
+complete top-level element (a stanza or a negotiation element) and the stream
+end. It refuses what RFC 6120 §11.1 forbids (DTDs, entity declarations,
+comments, processing instructions) and enforces size, depth and attribute limits
+while parsing, so an oversized stanza is rejected before it is buffered whole.
+The serializer writes elements back with minimal namespace declarations.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+from xml.parsers import expat
+
+from xmpp_server.errors import NS_STREAMS, StreamError
+
+NS_CLIENT = "jabber:client"
+NS_XML = "http://www.w3.org/XML/1998/namespace"
+XML_LANG = f"{{{NS_XML}}}lang"
+STREAM_TAG = f"{{{NS_STREAMS}}}stream"
+
+Element = ET.Element
+
+# Feed expat in slices so size limits are checked while a huge chunk is parsed.
+_SLICE = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class XmlLimits:
+    max_stanza_size: int = 262144
+    max_depth: int = 32
+    max_attributes: int = 64
+    max_attribute_value: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """``<stream:stream>`` with its attributes (``xml:lang`` as ``XML_LANG``)."""
+
+    attrs: dict[str, str]
+    default_ns: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ElementReceived:
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    pass
+
+
+XmlEvent = StreamOpened | ElementReceived | StreamClosed
+
+
+def _qname(name: str) -> str:
+    ns, sep, local = name.rpartition(" ")
+    return f"{{{ns}}}{local}" if sep else name
+
+
+class XmlStreamParser:
+    """Sans-IO parser for one XML stream; create a new one on stream restart."""
+
+    def __init__(self, limits: XmlLimits | None = None) -> None:
+        self.limits = limits or XmlLimits()
+        p = expat.ParserCreate("UTF-8", " ")
+        p.buffer_text = True
+        p.ordered_attributes = False
+        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.CharacterDataHandler = self._text
+        p.StartNamespaceDeclHandler = self._ns_decl
+        p.StartDoctypeDeclHandler = self._restricted
+        p.EntityDeclHandler = self._restricted
+        p.UnparsedEntityDeclHandler = self._restricted
+        p.NotationDeclHandler = self._restricted
+        p.ExternalEntityRefHandler = self._restricted_entity
+        p.CommentHandler = self._restricted
+        p.ProcessingInstructionHandler = self._restricted
+        p.SkippedEntityHandler = self._restricted
+        self._parser = p
+        self._events: list[XmlEvent] = []
+        self._stack: list[Element] = []
+        self._text_parts: list[str] = []
+        self._depth = 0
+        self._default_ns: str | None = None
+        self._fed = 0
+        self._stanza_start = -1  # byte offset where the current top-level element began
+        self._closed = False
+
+    def feed(self, data: bytes) -> list[XmlEvent]:
+        """Parse ``data``; return the events it completed. Raises :class:`StreamError`."""
+        if self._closed:
+            return []
+        events = self._events = []
+        limit = self.limits.max_stanza_size
+        try:
+            for off in range(0, len(data), _SLICE):
+                piece = data[off : off + _SLICE]
+                self._fed += len(piece)
+                self._parser.Parse(piece, False)
+                if self._stanza_start >= 0 and self._fed - self._stanza_start > limit:
+                    raise StreamError("policy-violation", "stanza too large")
+        except expat.ExpatError as exc:
+            raise StreamError("not-well-formed", expat.errors.messages[exc.code]) from None
+        return events
+
+    # -- expat callbacks -------------------------------------------------------------
+
+    def _restricted(self, *args: Any) -> None:
+        raise StreamError("restricted-xml", "DTDs, entities, comments and PIs are not allowed")
+
+    def _restricted_entity(self, *args: Any) -> int:
+        self._restricted()
+        return 0
+
+    def _ns_decl(self, prefix: str | None, uri: str) -> None:
+        if self._depth == 0 and prefix is None:
+            self._default_ns = uri
+
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
+        limits = self.limits
+        if len(attrs) > limits.max_attributes:
+            raise StreamError("policy-violation", "too many attributes")
+        for value in attrs.values():
+            if len(value) > limits.max_attribute_value:
+                raise StreamError("policy-violation", "attribute value too long")
+        depth = self._depth
+        self._depth = depth + 1
+        tag = _qname(name)
+        if any(" " in key for key in attrs):
+            attrs = {_qname(k): v for k, v in attrs.items()}
+        if depth == 0:
+            if tag != STREAM_TAG:
+                if tag.endswith("}stream") or tag == "stream":
+                    raise StreamError(
+                        "invalid-namespace", "stream element not in streams namespace"
+                    )
+                raise StreamError("not-well-formed", "expected <stream:stream>")
+            self._events.append(StreamOpened(dict(attrs), self._default_ns))
+            return
+        if depth > limits.max_depth:
+            raise StreamError("policy-violation", "elements nested too deeply")
+        self._flush_text()
+        if depth == 1:
+            self._stanza_start = self._parser.CurrentByteIndex
+            if self._stanza_start < 0:
+                self._stanza_start = self._fed
+            element = Element(tag, attrs)
+        else:
+            element = ET.SubElement(self._stack[-1], tag, attrs)
+        self._stack.append(element)
+
+    def _end(self, name: str) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._closed = True
+            self._events.append(StreamClosed())
+            return
+        self._flush_text()
+        element = self._stack.pop()
+        if not self._stack:
+            self._stanza_start = -1
+            self._events.append(ElementReceived(element))
+
+    def _text(self, data: str) -> None:
+        if self._stack:
+            self._text_parts.append(data)
+        elif self._depth == 1 and data.strip():
+            raise StreamError("not-well-formed", "text outside of a stanza")
+
+    def _flush_text(self) -> None:
+        if not self._text_parts:
+            return
+        text = "".join(self._text_parts)
+        self._text_parts.clear()
+        current = self._stack[-1]
+        if len(current):
+            last = current[-1]
+            last.tail = (last.tail or "") + text
+        else:
+            current.text = (current.text or "") + text
+
+
+# -- serialisation --------------------------------------------------------------------
+
+_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+_ATTR_ESCAPES = str.maketrans(
+    {
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        '"': "&quot;",
+        "\n": "&#10;",
+        "\r": "&#13;",
+        "\t": "&#9;",
+    }
+)
+
+
+def escape_text(text: str) -> str:
+    return text.translate(_TEXT_ESCAPES)
+
+
+def escape_attr(text: str) -> str:
+    return text.translate(_ATTR_ESCAPES)
+
+
+def _split(tag: str) -> tuple[str, str]:
+    if tag[:1] == "{":
+        ns, _, local = tag[1:].partition("}")
+        return ns, local
+    return "", tag
+
+
+def _write(el: Element, parent_ns: str, out: list[str]) -> None:
+    ns, local = _split(el.tag)
+    if ns == NS_STREAMS:
+        # The stream header declares the ``stream:`` prefix; children keep the default ns.
+        local = "stream:" + local
+        ns = parent_ns
+    out.append("<" + local)
+    if ns != parent_ns:
+        out.append(f' xmlns="{escape_attr(ns)}"')
+    if el.attrib:
+        extra = 0
+        for key, value in el.attrib.items():
+            if key[:1] == "{":
+                ans, alocal = _split(key)
+                if ans == NS_XML:
+                    key = "xml:" + alocal
+                else:
+                    extra += 1
+                    prefix = f"ns{extra}"
+                    out.append(f' xmlns:{prefix}="{escape_attr(ans)}"')
+                    key = f"{prefix}:{alocal}"
+            out.append(f' {key}="{escape_attr(value)}"')
+    if el.text or len(el):
+        out.append(">")
+        if el.text:
+            out.append(el.text.translate(_TEXT_ESCAPES))
+        for child in el:
+            _write(child, ns, out)
+            if child.tail:
+                out.append(child.tail.translate(_TEXT_ESCAPES))
+        out.append(f"</{local}>")
+    else:
+        out.append("/>")
+
+
+def tostring(el: Element, parent_ns: str = NS_CLIENT) -> str:
+    """Serialise ``el`` as it appears inside a stream whose default namespace is ``parent_ns``."""
+    out: list[str] = []
+    _write(el, parent_ns, out)
+    return "".join(out)
+
+
+def tobytes(el: Element, parent_ns: str = NS_CLIENT) -> bytes:
+    return tostring(el, parent_ns).encode()
+
+
+def fromstring(text: str | bytes) -> Element:
+    """Parse one standalone element with the same restrictions as a stream (for stored XML)."""
+    data = text.encode() if isinstance(text, str) else text
+    parser = XmlStreamParser(XmlLimits(max_stanza_size=1 << 30, max_depth=1000))
+    wrapped = (
+        b"<stream:stream xmlns='"
+        + NS_CLIENT.encode()
+        + b"' xmlns:stream='"
+        + NS_STREAMS.encode()
+        + b"'>"
+        + data
+        + b"</stream:stream>"
+    )
+    for event in parser.feed(wrapped):
+        if isinstance(event, ElementReceived):
+            return event.element
+    raise ValueError("no element in XML text")
