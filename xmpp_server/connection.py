@@ -10,7 +10,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from xmpp_server import stream as st
-from xmpp_server.errors import BadRequest, StreamError
+from xmpp_server.errors import (
+    BadRequest,
+    ResourceConstraint,
+    ServiceUnavailable,
+    StanzaError,
+    StreamError,
+)
 from xmpp_server.jid import JID
 from xmpp_server.xml import Element
 
@@ -143,6 +149,8 @@ class Connection:
                 self.log.extra = {"id": str(event.jid)}
             elif isinstance(event, st.BindRequested):
                 queue.extend(await self._bind(event))
+            elif isinstance(event, st.RegistrationRequested):
+                queue.extend(await self._register(event))
             elif isinstance(event, st.TlsRequested):
                 await self._start_tls()
             elif isinstance(event, st.StreamEnded):
@@ -196,6 +204,26 @@ class Connection:
                 )
             except ValueError:
                 pass
+
+    async def _register(self, event: st.RegistrationRequested) -> list[st.StreamEvent]:
+        """XEP-0077 on an unauthenticated stream, limited per IP like failed logins."""
+        from xmpp_server.modules.register import Register
+
+        module = self.host.modules.get("register")
+        now = time.monotonic()
+        if not isinstance(module, Register):
+            return self.stream.registration_failed(event.iq, ServiceUnavailable())
+        if module.per_ip.blocked(self.ip, now):
+            return self.stream.registration_failed(
+                event.iq, ResourceConstraint("too many registrations from your address")
+            )
+        try:
+            await module.register_account(event.username, event.password)
+        except StanzaError as exc:
+            return self.stream.registration_failed(event.iq, exc)
+        module.per_ip.failure(self.ip, now)
+        self.log.info("registered account %s", event.username)
+        return self.stream.registration_done(event.iq)
 
     async def _bind(self, event: st.BindRequested) -> list[st.StreamEvent]:
         assert self.stream.jid is not None

@@ -7,7 +7,7 @@ import hmac
 import logging
 import signal
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from xmpp_server import sasl, tls
@@ -17,6 +17,7 @@ from xmpp_server.errors import StreamError
 from xmpp_server.jid import JID
 from xmpp_server.modules import build_modules
 from xmpp_server.modules.base import Module
+from xmpp_server.modules.register import Register
 from xmpp_server.router import Router
 from xmpp_server.storage import Storage
 from xmpp_server.stream import StreamSettings
@@ -103,6 +104,9 @@ class Server:
                 started_at=asyncio.get_running_loop().time(),
             )
             host.modules = build_modules(host)
+            register = host.modules.get("register")
+            if isinstance(register, Register) and register.options.allow_new_accounts:
+                host.stream_settings = replace(settings, registration=True)
             for module in host.modules.values():
                 module.setup()
             for module in host.modules.values():

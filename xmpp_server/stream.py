@@ -30,7 +30,13 @@ from enum import Enum, auto
 
 from xmpp_server import sasl
 from xmpp_server.credentials import ScramCredentials
-from xmpp_server.errors import NS_STREAM_ERRORS, NS_STREAMS, StanzaError, StreamError
+from xmpp_server.errors import (
+    NS_STREAM_ERRORS,
+    NS_STREAMS,
+    BadRequest,
+    StanzaError,
+    StreamError,
+)
 from xmpp_server.jid import JID
 from xmpp_server.stanza import IQ, STANZA_TAGS, error_reply, iq_result, qn
 from xmpp_server.xml import (
@@ -53,6 +59,9 @@ NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
 NS_SASL_CB = "urn:xmpp:sasl-cb:0"
 NS_ROSTERVER = "urn:xmpp:features:rosterver"
 NS_PREAPPROVAL = "urn:xmpp:features:pre-approval"
+NS_REGISTER = "jabber:iq:register"
+NS_REGISTER_FEATURE = "http://jabber.org/features/iq-register"
+REGISTER_QUERY = qn(NS_REGISTER, "query")
 
 MAX_SASL_ATTEMPTS = 3
 
@@ -76,6 +85,8 @@ class StreamSettings:
     # with the iteration count real accounts get: no user enumeration through SASL.
     fake_secret: bytes = b""
     scram_iterations: int = 4096
+    # XEP-0077: accounts may be created on the stream before authentication (after TLS).
+    registration: bool = False
 
 
 # -- events --------------------------------------------------------------------------
@@ -111,6 +122,15 @@ class BindRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistrationRequested:
+    """XEP-0077 §3.1: create an account, then call ``registration_done``/``_failed``."""
+
+    username: str
+    password: str
+    iq: Element
+
+
+@dataclass(frozen=True, slots=True)
 class StanzaReceived:
     stanza: Element
 
@@ -128,6 +148,7 @@ StreamEvent = (
     | Authenticated
     | AuthFailed
     | BindRequested
+    | RegistrationRequested
     | StanzaReceived
     | StreamEnded
 )
@@ -145,6 +166,7 @@ class Wait(Enum):
     TLS = auto()
     CREDENTIALS = auto()
     BIND = auto()
+    REGISTRATION = auto()
 
 
 class Stream:
@@ -259,6 +281,18 @@ class Stream:
         self._out.append(tobytes(iq_result(iq, bind)))
         return self._drain_held([])
 
+    def registration_done(self, iq: Element) -> list[StreamEvent]:
+        self._wait = Wait.NONE
+        self._out.append(tobytes(iq_result(iq)))
+        return self._drain_held([])
+
+    def registration_failed(self, iq: Element, error: StanzaError) -> list[StreamEvent]:
+        self._wait = Wait.NONE
+        # Never echo the request back: it holds the password (XEP-0077 §3.3).
+        reply = error_reply(Element(iq.tag, dict(iq.attrib)), error)
+        self._out.append(tobytes(reply))
+        return self._drain_held([])
+
     def bind_failed(self, iq: Element, error: StanzaError) -> list[StreamEvent]:
         self._wait = Wait.NONE
         self._out.append(tobytes(error_reply(iq, error)))
@@ -324,6 +358,8 @@ class Stream:
             mechs = ET.SubElement(features, qn(NS_SASL, "mechanisms"))
             for name in self._offered:
                 ET.SubElement(mechs, qn(NS_SASL, "mechanism")).text = name
+            if self._may_register():
+                ET.SubElement(features, qn(NS_REGISTER_FEATURE, "register"))
             if any(name.endswith("-PLUS") for name in self._offered):
                 cb = ET.SubElement(features, qn(NS_SASL_CB, "sasl-channel-binding"))
                 for cb_type in self.bindings.data:
@@ -351,6 +387,8 @@ class Stream:
                 self._starttls(events)
             elif ns == NS_SASL:
                 self._sasl(el, events)
+            elif tag == IQ and self._may_register() and el.find(REGISTER_QUERY) is not None:
+                self._register(el, events)
             elif tag in STANZA_TAGS:
                 raise StreamError("not-authorized", "authenticate first")
             else:
@@ -367,6 +405,31 @@ class Stream:
         if tag in STANZA_TAGS:
             raise StreamError("not-authorized", "bind a resource first")
         raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _may_register(self) -> bool:
+        return self.settings.registration and (self.tls or not self.settings.require_tls)
+
+    def _register(self, iq: Element, events: list[StreamEvent]) -> None:
+        query = iq.find(qn(NS_REGISTER, "query"))
+        assert query is not None
+        if iq.get("type") == "get":
+            form = Element(qn(NS_REGISTER, "query"))
+            ET.SubElement(
+                form, qn(NS_REGISTER, "instructions")
+            ).text = "Choose a username and password for use with this service."
+            ET.SubElement(form, qn(NS_REGISTER, "username"))
+            ET.SubElement(form, qn(NS_REGISTER, "password"))
+            self._out.append(tobytes(iq_result(iq, form)))
+        elif iq.get("type") == "set":
+            username = (query.findtext(qn(NS_REGISTER, "username")) or "").strip()
+            password = query.findtext(qn(NS_REGISTER, "password")) or ""
+            if not username or not password:
+                self.registration_failed(iq, BadRequest("username and password are required"))
+                return
+            self._wait = Wait.REGISTRATION
+            events.append(RegistrationRequested(username, password, iq))
+        else:
+            raise StreamError("not-authorized", "authenticate first")
 
     def _starttls(self, events: list[StreamEvent]) -> None:
         if self.tls or not self.settings.tls_available:

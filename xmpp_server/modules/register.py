@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xmpp_server.credentials import ScramCredentials
 from xmpp_server.errors import (
@@ -31,7 +32,11 @@ from xmpp_server.router import IqKey, Session
 from xmpp_server.sasl import make_credentials, saslprep
 from xmpp_server.stanza import iq_result, make, qn
 from xmpp_server.storage import AccountExists, AccountNotFound
+from xmpp_server.throttle import FailureThrottle
 from xmpp_server.xml import Element
+
+if TYPE_CHECKING:
+    from xmpp_server.server import Host
 
 NS_REGISTER = "jabber:iq:register"
 
@@ -42,6 +47,9 @@ class RegisterOptions:
     """Whether register_account may create accounts (password change and removal stay)."""
     min_password_length: int = field(default=8, metadata={"min": 1})
     """In characters, after SASLprep."""
+    max_per_ip: int = field(default=5, metadata={"min": 1})
+    """Accounts one IP address may create on unauthenticated streams per ``per_ip_window``."""
+    per_ip_window: float = field(default=3600.0, metadata={"gt": 0})
 
 
 class Register(Module):
@@ -49,6 +57,11 @@ class Register(Module):
     options_class = RegisterOptions
     enabled_by_default = False
     features = (NS_REGISTER,)
+
+    def __init__(self, host: Host, options: RegisterOptions) -> None:
+        super().__init__(host, options)
+        window = options.per_ip_window
+        self.per_ip = FailureThrottle(options.max_per_ip, window, window)
 
     def setup(self) -> None:
         router = self.host.router
