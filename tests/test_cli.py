@@ -224,6 +224,25 @@ def test_missing_password_file(
     assert capsys.readouterr().err.startswith(f"natterctl: cannot read password file {missing}")
 
 
+def test_user_list_rejects_a_bad_domain(
+    sqlite_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(sqlite_config, "user", "list", "--domain", "alice@localhost") == 2
+    assert "invalid domain 'alice@localhost'" in capsys.readouterr().err
+
+
+def test_unreachable_database_is_a_failure_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "postgresql+asyncpg://natter:s3cret@127.0.0.1:1/natter")
+    assert ctl(config, "user", "list") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "natterctl: database postgresql+asyncpg://natter:***@127.0.0.1:1/natter: "
+    )
+    assert "s3cret" not in err
+
+
 # ------------------------------------------------------------------------- config and certs
 
 

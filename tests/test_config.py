@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,29 @@ def test_example_file_documents_every_key_with_its_default() -> None:
     lines = [ln for ln in example.read_text().splitlines() if "=" in ln and not ln.startswith("#")]
     for line in lines:
         assert "#" in line.split("=", 1)[1], f"no comment on: {line}"
+
+
+_COMMENTED_MODULE_LINE = re.compile(r"^# (\[modules\.[a-z_]+\]|[a-z_]+ = \S+)(\s+#.*)?$")
+
+
+def test_example_file_documents_every_module_option() -> None:
+    """The commented [modules.*] tables, uncommented, are valid and cover every option."""
+    registry = pytest.importorskip("xmpp_server.modules")
+    modules = getattr(registry, "MODULES", None)
+    if modules is None:
+        pytest.skip("no module registry yet")
+    text = (DEPLOY / "natterd.example.toml").read_text(encoding="utf-8")
+    lines = [m[1] for ln in text.splitlines() if (m := _COMMENTED_MODULE_LINE.match(ln))]
+    documented = tomllib.loads("\n".join(lines))["modules"]
+    assert set(documented) == set(modules)
+    for name, cls in modules.items():
+        options = {f.name for f in dataclasses.fields(cls.options_class)}
+        assert set(documented[name]) == {"enabled", *options}, name
+        assert documented[name]["enabled"] is cls.enabled_by_default, name
+        defaults = dict(documented[name])
+        del defaults["enabled"]
+        parsed = parse_options(cls.options_class, defaults, f"modules.{name}")
+        assert parsed == cls.options_class(), f"[modules.{name}] values are not defaults"
 
 
 def test_demo_file_loads() -> None:

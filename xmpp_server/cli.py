@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from xmpp_server import __version__
 from xmpp_server.config import Config, ConfigError, load_config
@@ -199,8 +199,10 @@ def ctl_main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     from xmpp_server.storage import NotMigrated
+    from xmpp_server.storage.db import hide_password
 
     handler: Handler = args.handler
+    config: Config | None = None
     try:
         config = load_config(args.config)
         return handler(args, config)
@@ -214,8 +216,17 @@ def ctl_main(argv: list[str] | None = None) -> int:
         _err("natterctl", str(exc))
         return EXIT_NOT_MIGRATED
     except (SQLAlchemyError, OSError) as exc:
-        _err("natterctl", f"database error: {exc}")
+        if config is None:
+            raise
+        _err("natterctl", f"database {hide_password(config.storage.url)}: {_db_error(exc)}")
         return EXIT_FAILED
+
+
+def _db_error(exc: Exception) -> str:
+    """The driver's own sentence, without SQLAlchemy's wrapper and background link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return str(exc.orig)
+    return str(exc)
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -412,7 +423,10 @@ def _cert_generate(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     if existing and not (args.force or args.if_missing):
         _fail(EXIT_FAILED, f"{' and '.join(existing)} already exist(s); use --force to replace")
-    generate_self_signed(cert_path, key_path, [config.domain])
+    try:
+        generate_self_signed(cert_path, key_path, [config.domain])
+    except OSError as exc:
+        _fail(EXIT_FAILED, f"cannot write the certificate: {exc}")
     _out(f"wrote a self-signed certificate for {config.domain}: {cert_path}, key {key_path}")
     if config.tls_configured:
         _err("natterctl", f"note: tls.cert_file is set, so the server uses {config.cert_path}")

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,27 @@ async def add_user(server: Server, local: str, password: str = "correct horse") 
     return jid
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client connects and which certificate it trusts."""
+
+    c2s_port: int
+    direct_tls_port: int | None
+    cert_path: Path
+
+    @classmethod
+    def of(cls, server: Server | Endpoint) -> Endpoint:
+        if isinstance(server, Endpoint):
+            return server
+        return cls(server.c2s_port, server.direct_tls_port, server.host.config.cert_path)
+
+
 class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
     """A slixmpp client that trusts the test server's self-signed certificate."""
 
     def __init__(
         self,
-        server: Server,
+        server: Server | Endpoint,
         jid: str,
         password: str = "correct horse",
         *,
@@ -60,12 +76,12 @@ class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
     ) -> None:
         kwargs = {"sasl_mech": mechanism} if mechanism else {}
         super().__init__(jid, password, **kwargs)
-        self.natterd = server
+        self.natterd = Endpoint.of(server)
         self.direct_tls = direct_tls
         self.enable_direct_tls = direct_tls
         self.enable_starttls = not direct_tls
         self.enable_plaintext = False
-        self.ssl_context = ssl.create_default_context(cafile=str(server.host.config.cert_path))
+        self.ssl_context = ssl.create_default_context(cafile=str(self.natterd.cert_path))
         self.messages = Mailbox()
         self.presences = Mailbox()
         self.stream_errors = Mailbox()

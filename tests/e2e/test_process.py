@@ -1,0 +1,143 @@
+"""The `make run` path as processes: natterctl provisions, natterd serves, a client logs in.
+
+Also: natterd refuses an unmigrated database, stops cleanly on SIGTERM, and what it
+stored survives a restart and a crash (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import TIMEOUT, Client, Endpoint, clients, next_matching
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def config_file(db_url: str, tmp_path: Path) -> Path:
+    path = tmp_path / "natterd.toml"
+    path.write_text(
+        f"""
+[server]
+domain = "localhost"
+data_dir = "data"
+
+[storage]
+url = "{db_url}"
+
+[c2s]
+host = "127.0.0.1"
+port = {free_port()}
+direct_tls_port = {free_port()}
+"""
+    )
+    return path
+
+
+async def ctl(config: Path, *args: str, stdin: bytes = b"") -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "natterctl"),
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+@asynccontextmanager
+async def natterd(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "natterd"),
+        "--config",
+        str(config),
+        "run",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"natterd serving" not in (line := await proc.stdout.readline()):
+                assert line, "natterd exited before serving"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def endpoint(config: Path) -> Endpoint:
+    ports = [
+        int(line.split("=")[1]) for line in config.read_text().splitlines() if "port =" in line
+    ]
+    return Endpoint(ports[0], ports[1], config.parent / "data" / "tls" / "localhost.crt")
+
+
+async def test_unmigrated_database_is_refused(config_file: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "natterd"),
+        "--config",
+        str(config_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3
+    assert b"natterctl db upgrade" in out
+
+
+async def test_provision_serve_restart_and_crash(config_file: Path) -> None:
+    code, out = await ctl(config_file, "db", "upgrade")
+    assert code == 0, out
+    for user in ("alice", "bob"):
+        code, out = await ctl(
+            config_file,
+            "user",
+            "add",
+            f"{user}@localhost",
+            "--password-file",
+            "-",
+            stdin=b"correct horse\n",
+        )
+        assert code == 0, out
+    server = endpoint(config_file)
+    async with natterd(config_file) as proc:
+        async with clients(Client(server, "alice@localhost")) as (alice,):
+            await alice.login()
+            alice.send_message(mto="bob@localhost", mbody="before restart", mtype="chat")
+            await alice.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    async with natterd(config_file) as proc:
+        async with clients(Client(server, "alice@localhost")) as (alice,):
+            await alice.login()
+            alice.send_message(mto="bob@localhost", mbody="before crash", mtype="chat")
+            await alice.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    async with natterd(config_file):
+        async with clients(Client(server, "bob@localhost")) as (bob,):
+            await bob.login()
+            first = await next_matching(bob.messages, lambda m: m["type"] == "chat")
+            second = await next_matching(bob.messages, lambda m: m["type"] == "chat")
+            assert [first["body"], second["body"]] == ["before restart", "before crash"]
