@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.e2e.befriend import befriend
 from tests.e2e.harness import Client, add_user, clients, next_matching, running_server
-
-
-async def befriend(alice: Client, bob: Client) -> None:
-    """Both directions of RFC 6121 §3 subscription, as a client's user would do it."""
-    alice.send_presence_subscription(pto=bob.boundjid.bare)
-    await next_matching(bob.presences, lambda p: p["type"] == "subscribe")
-    bob.send_presence(pto=alice.boundjid.bare, ptype="subscribed")
-    bob.send_presence_subscription(pto=alice.boundjid.bare)
-    await next_matching(alice.presences, lambda p: p["type"] == "subscribe")
-    alice.send_presence(pto=bob.boundjid.bare, ptype="subscribed")
 
 
 async def test_two_users_subscribe_see_presence_and_chat(
