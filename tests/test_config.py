@@ -87,7 +87,7 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         '[tls]\ncert_file = "tls/cert.pem"\nkey_file = "/abs/key.pem"\n'
     )
     config = load_config(path, env={})
-    assert config.data_dir == tmp_path / "etc" / ".." / "var"
+    assert config.data_dir == tmp_path / "var"
     assert config.server.data_dir == str(config.data_dir)
     assert config.cert_path == tmp_path / "etc" / "tls" / "cert.pem"
     assert config.key_path == Path("/abs/key.pem")
@@ -408,7 +408,7 @@ def test_example_file_documents_every_module_option() -> None:
 def test_demo_file_loads() -> None:
     config = load_config(DEPLOY / "natterd.demo.toml", env={})
     assert config.domain == "localhost"
-    assert config.data_dir.resolve() == DEPLOY.parent / "data"
+    assert config.data_dir == DEPLOY.parent / "data"
     assert config.c2s.host == ("127.0.0.1",)
     assert (config.c2s.port, config.c2s.direct_tls_port) == (5222, 5223)
 

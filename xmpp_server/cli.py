@@ -14,8 +14,8 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -199,10 +199,8 @@ def ctl_main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     from xmpp_server.storage import NotMigrated
-    from xmpp_server.storage.db import hide_password
 
     handler: Handler = args.handler
-    config: Config | None = None
     try:
         config = load_config(args.config)
         return handler(args, config)
@@ -215,18 +213,19 @@ def ctl_main(argv: list[str] | None = None) -> int:
     except NotMigrated as exc:
         _err("natterctl", str(exc))
         return EXIT_NOT_MIGRATED
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """Report an unreachable or failing database by its URL (password hidden), exit 1."""
+    from xmpp_server.storage.db import hide_password
+
+    try:
+        yield
     except (SQLAlchemyError, OSError) as exc:
-        if config is None:
-            raise
-        _err("natterctl", f"database {hide_password(config.storage.url)}: {_db_error(exc)}")
-        return EXIT_FAILED
-
-
-def _db_error(exc: Exception) -> str:
-    """The driver's own sentence, without SQLAlchemy's wrapper and background link."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return str(exc.orig)
-    return str(exc)
+        # The driver's own sentence, without SQLAlchemy's wrapper and background link.
+        reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        _fail(EXIT_FAILED, f"database {hide_password(url)}: {reason}")
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -237,11 +236,12 @@ def _fail(code: int, message: str) -> NoReturn:
 async def _storage(config: Config) -> AsyncIterator[Storage]:
     from xmpp_server.storage import Storage
 
-    storage = await Storage.open(config.storage.url)
-    try:
-        yield storage
-    finally:
-        await storage.close()
+    with _database_errors(config.storage.url):
+        storage = await Storage.open(config.storage.url)
+        try:
+            yield storage
+        finally:
+            await storage.close()
 
 
 def _account(text: str, config: Config) -> str:
@@ -387,8 +387,10 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
     from xmpp_server.storage.migrations import current_revision, upgrade
 
     async def run() -> int:
-        await upgrade(config.storage.url)
-        _out(f"database is at schema revision {await current_revision(config.storage.url)}")
+        with _database_errors(config.storage.url):
+            await upgrade(config.storage.url)
+            revision = await current_revision(config.storage.url)
+        _out(f"database is at schema revision {revision}")
         return EXIT_OK
 
     return asyncio.run(run())
@@ -399,7 +401,8 @@ def _db_status(args: argparse.Namespace, config: Config) -> int:
     from xmpp_server.storage.migrations import current_revision, head_revision
 
     async def run() -> int:
-        current = await current_revision(config.storage.url)
+        with _database_errors(config.storage.url):
+            current = await current_revision(config.storage.url)
         head = head_revision()
         _out(f"database: {hide_password(config.storage.url)}")
         _out(f"current:  {current if current is not None else 'none (empty database)'}")

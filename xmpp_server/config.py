@@ -367,8 +367,11 @@ class Config:
 
     def default_tls_paths(self) -> tuple[Path, Path]:
         """Where a generated certificate and key live: ``{data_dir}/tls/<domain>.crt/.key``."""
-        base = self.data_dir / "tls" / self.server.domain
-        return base.with_name(base.name + ".crt"), base.with_name(base.name + ".key")
+        return _default_tls_paths(self.data_dir, self.server.domain)
+
+
+def _default_tls_paths(data_dir: Path, domain: str) -> tuple[Path, Path]:
+    return data_dir / "tls" / f"{domain}.crt", data_dir / "tls" / f"{domain}.key"
 
     def explain(self, error: ConfigError) -> ConfigError:
         """Add the environment variable to an error about a key that one set."""
@@ -427,8 +430,8 @@ def build_config(
         modules[name] = dict(table)
 
     def resolve(value: str) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base_dir / p).absolute()
+        # normpath, not resolve(): "../data" should read well without following symlinks.
+        return Path(os.path.normpath((base_dir / Path(value).expanduser()).absolute()))
 
     server: ServerConfig = sections["server"]
     if not server.data_dir:
@@ -443,7 +446,11 @@ def build_config(
         missing = "tls.key_file" if tls.cert_file else "tls.cert_file"
         other = "tls.cert_file" if tls.cert_file else "tls.key_file"
         raise ConfigError(f"must be set when {other} is set", missing)
-    config = Config(
+    if tls.cert_file:
+        cert_path, key_path = resolve(tls.cert_file), resolve(tls.key_file)
+    else:
+        cert_path, key_path = _default_tls_paths(data_dir, server.domain)
+    return Config(
         server=server,
         storage=storage,
         tls=tls,
@@ -454,15 +461,10 @@ def build_config(
         modules=modules,
         path=path,
         data_dir=data_dir,
-        cert_path=Path(),
-        key_path=Path(),
+        cert_path=cert_path,
+        key_path=key_path,
         env_keys=dict(env_keys or {}),
     )
-    if tls.cert_file:
-        cert_path, key_path = resolve(tls.cert_file), resolve(tls.key_file)
-    else:
-        cert_path, key_path = config.default_tls_paths()
-    return dataclasses.replace(config, cert_path=cert_path, key_path=key_path)
 
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")

@@ -133,3 +133,56 @@ async def test_roster_remove_cancels_subscription(migrated_db_url: str, tmp_path
             await next_matching(bob.presences, lambda p: p["type"] == "unsubscribed")
             await bob.plugin["xep_0199"].ping("localhost", timeout=10)
             assert bob.client_roster[a]["subscription"] == "none"
+
+
+async def test_pre_approved_subscription_needs_no_prompt(migrated_db_url: str, tmp_path: Path) -> None:
+    """RFC 6121 §3.4: Alice pre-approves Bob; his later request is granted without asking her."""
+    async with running_server(migrated_db_url, tmp_path) as server:
+        a, b = await add_user(server, "alice"), await add_user(server, "bob")
+        async with clients(Client(server, a), Client(server, b)) as (alice, bob):
+            await alice.login()
+            await bob.login()
+            alice.send_presence(pto=b, ptype="subscribed")
+            await alice.plugin["xep_0199"].ping("localhost", timeout=10)
+            item = await server.host.storage.rosters.get(a, b)
+            assert item is not None and item.approved and item.subscription == "none"
+            assert not [p for p in bob.presences.items if p["type"] == "subscribed"]
+
+            bob.send_presence_subscription(pto=a)
+            await next_matching(bob.presences, lambda p: p["type"] == "subscribed")
+            await next_matching(
+                bob.presences, lambda p: p["from"] == alice.boundjid and p["type"] == "available"
+            )
+            await alice.plugin["xep_0199"].ping("localhost", timeout=10)
+            assert not [p for p in alice.presences.items if p["type"] == "subscribe"]
+            assert alice.client_roster[b]["subscription"] == "from"
+            assert bob.client_roster[a]["subscription"] == "to"
+
+
+async def test_subscription_request_waits_for_offline_contact(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """RFC 6121 §3.1.3: a request to an offline contact is delivered when they come online."""
+    async with running_server(migrated_db_url, tmp_path) as server:
+        a, b = await add_user(server, "alice"), await add_user(server, "bob")
+        async with clients(Client(server, a)) as (alice,):
+            await alice.login()
+            alice.send_presence_subscription(pto=b)
+            await alice.plugin["xep_0199"].ping("localhost", timeout=10)
+            assert alice.client_roster[b]["pending_out"]
+        async with clients(Client(server, b)) as (bob,):
+            await bob.login()
+            request = await next_matching(bob.presences, lambda p: p["type"] == "subscribe")
+            assert request["from"] == a
+
+
+async def test_subscription_to_unknown_account_is_refused(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    async with running_server(migrated_db_url, tmp_path) as server:
+        a = await add_user(server, "alice")
+        async with clients(Client(server, a)) as (alice,):
+            await alice.login()
+            alice.send_presence_subscription(pto="ghost@localhost")
+            refusal = await next_matching(alice.presences, lambda p: p["type"] == "unsubscribed")
+            assert refusal["from"] == "ghost@localhost"
