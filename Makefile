@@ -27,12 +27,12 @@ run: $(STAMP)
 	@echo
 	$(BIN)/natterd --config $(CONFIG) run
 
-test: $(STAMP)
+test: $(STAMP) lint
 	@./scripts/install-peers.sh
 	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check xmpp_server stun voip tests schema bench
+	$(BIN)/ruff check xmpp_server stun voip tests schema
 	$(BIN)/mypy
 
 bench: $(STAMP)

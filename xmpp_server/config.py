@@ -336,6 +336,10 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def _default_tls_paths(data_dir: Path, domain: str) -> tuple[Path, Path]:
+    return data_dir / "tls" / f"{domain}.crt", data_dir / "tls" / f"{domain}.key"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration, with every path made absolute."""
@@ -368,10 +372,6 @@ class Config:
     def default_tls_paths(self) -> tuple[Path, Path]:
         """Where a generated certificate and key live: ``{data_dir}/tls/<domain>.crt/.key``."""
         return _default_tls_paths(self.data_dir, self.server.domain)
-
-
-def _default_tls_paths(data_dir: Path, domain: str) -> tuple[Path, Path]:
-    return data_dir / "tls" / f"{domain}.crt", data_dir / "tls" / f"{domain}.key"
 
     def explain(self, error: ConfigError) -> ConfigError:
         """Add the environment variable to an error about a key that one set."""

@@ -135,7 +135,9 @@ async def test_roster_remove_cancels_subscription(migrated_db_url: str, tmp_path
             assert bob.client_roster[a]["subscription"] == "none"
 
 
-async def test_pre_approved_subscription_needs_no_prompt(migrated_db_url: str, tmp_path: Path) -> None:
+async def test_pre_approved_subscription_needs_no_prompt(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
     """RFC 6121 §3.4: Alice pre-approves Bob; his later request is granted without asking her."""
     async with running_server(migrated_db_url, tmp_path) as server:
         a, b = await add_user(server, "alice"), await add_user(server, "bob")

@@ -43,11 +43,11 @@ def _module_options(name: str, raw: dict[str, Any]) -> tuple[bool, Any]:
     cls = MODULES.get(name)
     if cls is None:
         known = ", ".join(sorted(MODULES))
-        raise ConfigError(f"modules.{name}: unknown module (known modules: {known})")
+        raise ConfigError(f"unknown module (known modules: {known})", f"modules.{name}")
     raw = dict(raw)
     enabled = raw.pop("enabled", cls.enabled_by_default)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"modules.{name}.enabled: expected true or false, got {enabled!r}")
+        raise ConfigError(f"expected true or false, got {enabled!r}", f"modules.{name}.enabled")
     return enabled, parse_options(cls.options_class, raw, f"modules.{name}")
 
 
