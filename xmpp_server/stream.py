@@ -210,6 +210,9 @@ class Stream:
         events: list[StreamEvent] = []
         if self.phase is Phase.CLOSED:
             return events
+        # A restart requested earlier (SASL success while the shell loaded credentials) has
+        # already replaced the parser; only one requested during this feed stops it.
+        self._restarting = False
         try:
             for xml_event in self._parser.feed(data):
                 if isinstance(xml_event, ElementReceived):
