@@ -302,8 +302,8 @@ class LimitsConfig:
     max_depth: int = field(default=32, metadata={"min": 2})
     max_attributes: int = field(default=64, metadata={"min": 8})
     max_attribute_value: int = field(default=4096, metadata={"min": 1024})
-    max_outbox: int = field(default=1000, metadata={"min": 1})
-    """Stanzas queued for one connection before it is closed as too slow."""
+    max_output_buffer: int = field(default=4 * 1024 * 1024, metadata={"min": 65536})
+    """Bytes of unread output a client may pile up before it is dropped as a slow reader."""
 
 
 @dataclass(frozen=True)

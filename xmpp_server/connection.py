@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("natterd.c2s")
 
 READ_SIZE = 65536
-# A client that lets this much output pile up unread is dropped (slow consumer).
-MAX_WRITE_BUFFER = 4 * 1024 * 1024
 
 
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -115,6 +113,9 @@ class Connection:
                 return
             if not data:
                 return
+            if self.bound and log.isEnabledFor(logging.DEBUG):
+                # Only after binding: negotiation carries SASL secrets (PLAIN is a password).
+                self.log.debug("< %r", data)
             await self._handle(self.stream.receive_data(data))
             self._flush()
             if not self._closing:
@@ -244,8 +245,11 @@ class Connection:
         data = self.stream.data_to_send()
         if not data or self.writer.is_closing():
             return
+        if self.bound and log.isEnabledFor(logging.DEBUG):
+            self.log.debug("> %r", data)
         self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER and not self._closing:
+        buffered = self.writer.transport.get_write_buffer_size()
+        if buffered > self.host.config.limits.max_output_buffer and not self._closing:
             self.log.warning("client does not read its output; closing")
             self._closing = True
             self.stream.close(StreamError("resource-constraint", "output not read"))

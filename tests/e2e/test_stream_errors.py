@@ -160,3 +160,22 @@ async def test_flooding_client_is_slowed_not_others(migrated_db_url: str, tmp_pa
             await still_chatting(alice, bob, "during flood")
             flood.cancel()
             raw.close()
+
+
+async def test_slow_reader_is_dropped_and_sender_unaffected(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """A client that stops reading cannot make the server buffer without bound."""
+    overrides = {"limits": {"max_output_buffer": 65536}}
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        async with chatting_pair(server) as (alice, bob):
+            bob.transport.pause_reading()
+            chunk = "x" * 60000
+            for i in range(400):
+                alice.send_message(mto=bob.boundjid, mbody=f"{i} {chunk}", mtype="chat")
+                if i % 20 == 0:
+                    await alice.plugin["xep_0199"].ping("localhost", timeout=15)
+                if not server.host.router.available(bob.boundjid.bare):
+                    break
+            assert not server.host.router.available(bob.boundjid.bare)
+            await alice.plugin["xep_0199"].ping("localhost", timeout=15)
