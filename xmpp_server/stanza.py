@@ -125,3 +125,11 @@ def error_condition(stanza: Element) -> str | None:
         if sub.tag.startswith(f"{{{NS_STANZA_ERRORS}}}") and not sub.tag.endswith("}text"):
             return sub.tag.rpartition("}")[2]
     return None
+
+
+def iq_addresses(iq: Element) -> tuple[JID, JID]:
+    """(requester's full JID, the account addressed): an iq without 'to' is for the
+    sender's own account. The router has stamped 'from' and validated 'to'."""
+    requester = JID.parse(iq.get("from", ""))
+    to = iq.get("to")
+    return requester, JID.parse(to).bare if to else requester.bare

@@ -23,9 +23,19 @@ from typing import TYPE_CHECKING, Any
 from xmpp_server.errors import BadRequest, Forbidden, JidMalformed, ServiceUnavailable, StanzaError
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
-from xmpp_server.modules.last import PRESENCE_VISIBLE, iq_addresses
+from xmpp_server.modules.presence import HAS_FROM
 from xmpp_server.router import IqKey, Session
-from xmpp_server.stanza import IQ, PRESENCE, clone, iq_result, make, new_id, payload, qn
+from xmpp_server.stanza import (
+    IQ,
+    PRESENCE,
+    clone,
+    iq_addresses,
+    iq_result,
+    make,
+    new_id,
+    payload,
+    qn,
+)
 from xmpp_server.xml import Element
 
 if TYPE_CHECKING:
@@ -264,7 +274,7 @@ class Blocking(Module):
             return []
         subscribed: set[JID] = set()
         for item in await self.host.storage.rosters.items(str(user)):
-            if item.subscription not in PRESENCE_VISIBLE:
+            if item.subscription not in HAS_FROM:
                 continue
             try:
                 contact = JID.parse(item.jid)

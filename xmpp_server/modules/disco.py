@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from xmpp_server.errors import ItemNotFound, ServiceUnavailable
-from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
+from xmpp_server.modules.presence import may_see_presence
 from xmpp_server.router import IqKey, Session
-from xmpp_server.stanza import iq_result, qn
+from xmpp_server.stanza import iq_addresses, iq_result, qn
 from xmpp_server.xml import Element
 
 NS_INFO = "http://jabber.org/protocol/disco#info"
 NS_ITEMS = "http://jabber.org/protocol/disco#items"
-HAS_FROM = ("from", "both")
 
 
 class Disco(Module):
@@ -50,19 +49,14 @@ class Disco(Module):
     async def host_items(self, origin: Session | None, iq: Element) -> None:
         self._reply(origin, iq, self._query(iq, NS_ITEMS))
 
-    async def _may_see(self, origin: Session | None, iq: Element) -> JID:
+    async def _may_see(self, iq: Element) -> None:
         """Account disco is for the account itself and for contacts subscribed to it."""
-        to = iq.get("to")
-        requester = JID.parse(iq.get("from", ""))
-        account = JID.parse(to) if to else requester.bare
-        if requester.bare != account:
-            item = await self.host.storage.rosters.get(str(account), str(requester.bare))
-            if item is None or item.subscription not in HAS_FROM:
-                raise ServiceUnavailable()
-        return account
+        requester, account = iq_addresses(iq)
+        if not await may_see_presence(self.host, account, requester):
+            raise ServiceUnavailable()
 
     async def account_info(self, origin: Session | None, iq: Element) -> None:
-        await self._may_see(origin, iq)
+        await self._may_see(iq)
         query = self._query(iq, NS_INFO)
         query.append(
             Element(qn(NS_INFO, "identity"), {"category": "account", "type": "registered"})
@@ -72,7 +66,7 @@ class Disco(Module):
         self._reply(origin, iq, query)
 
     async def account_items(self, origin: Session | None, iq: Element) -> None:
-        await self._may_see(origin, iq)
+        await self._may_see(iq)
         self._reply(origin, iq, self._query(iq, NS_ITEMS))
 
     def _reply(self, origin: Session | None, iq: Element, query: Element) -> None:

@@ -18,34 +18,16 @@ import time
 from typing import TYPE_CHECKING
 
 from xmpp_server.errors import Forbidden, ItemNotFound
-from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
+from xmpp_server.modules.presence import may_see_presence
 from xmpp_server.router import IqKey, Session
-from xmpp_server.stanza import iq_result, qn
+from xmpp_server.stanza import iq_addresses, iq_result, qn
 from xmpp_server.xml import Element
 
 if TYPE_CHECKING:
-    from xmpp_server.server import Host
+    pass
 
 NS_LAST = "jabber:iq:last"
-PRESENCE_VISIBLE = frozenset({"from", "both"})
-
-
-def iq_addresses(iq: Element) -> tuple[JID, JID]:
-    """(requester's full JID, the account addressed): an iq without 'to' is for the
-    sender's own account. The router has stamped 'from' and validated 'to'."""
-    requester = JID.parse(iq.get("from", ""))
-    to = iq.get("to")
-    return requester, JID.parse(to).bare if to else requester.bare
-
-
-async def may_see_presence(host: Host, account: JID, requester: JID) -> bool:
-    """Whether ``requester`` is entitled to ``account``'s presence (RFC 6121 §4): itself,
-    or a contact the account has granted a subscription to."""
-    if requester.bare == account.bare:
-        return True
-    item = await host.storage.rosters.get(str(account.bare), str(requester.bare))
-    return item is not None and item.subscription in PRESENCE_VISIBLE
 
 
 class LastActivity(Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from xmpp_server.errors import ServiceUnavailable
 from xmpp_server.modules.base import Module
-from xmpp_server.modules.last import iq_addresses, may_see_presence
+from xmpp_server.modules.presence import may_see_presence
 from xmpp_server.router import IqKey, Session
-from xmpp_server.stanza import iq_result
+from xmpp_server.stanza import iq_addresses, iq_result
 from xmpp_server.xml import Element
 
 NS_PING = "urn:xmpp:ping"

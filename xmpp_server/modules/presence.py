@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
@@ -18,9 +19,21 @@ from xmpp_server.stanza import clone, make
 from xmpp_server.storage import RosterItem
 from xmpp_server.xml import Element, fromstring, tostring
 
+if TYPE_CHECKING:
+    from xmpp_server.server import Host
+
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 HAS_FROM = ("from", "both")
 HAS_TO = ("to", "both")
+
+
+async def may_see_presence(host: Host, account: JID, requester: JID) -> bool:
+    """Whether ``requester`` is entitled to ``account``'s presence (RFC 6121 §4): itself,
+    or a contact the account has granted a subscription to."""
+    if requester.bare == account.bare:
+        return True
+    item = await host.storage.rosters.get(str(account.bare), str(requester.bare))
+    return item is not None and item.subscription in HAS_FROM
 
 
 def _priority(stanza: Element) -> int:
@@ -94,14 +107,7 @@ class Presence(Module):
         for item in await storage.rosters.items(str(user)):
             if item.subscription not in HAS_TO:
                 continue
-            contact = JID.parse(item.jid)
-            for session in router.available(contact):
-                if session.presence is None:
-                    continue
-                out = clone(session.presence)
-                out.set("from", str(session.jid))
-                out.set("to", str(origin.jid))
-                await router.deliver(out)
+            await self._send_current(JID.parse(item.jid), origin.jid)
         for _contact, xml in await storage.subscriptions.list(str(user)):
             origin.deliver(fromstring(xml))
         await router.session_available(origin)
@@ -170,16 +176,19 @@ class Presence(Module):
         elif stanza.get("type") == "unavailable":
             origin.directed.discard(to)
 
-    async def _probe(self, sender: JID, contact: JID) -> None:
-        item = await self.host.storage.rosters.get(str(contact), str(sender.bare))
-        if item is None or item.subscription not in HAS_FROM:
-            return
-        for session in self.host.router.available(contact):
+    async def _send_current(self, user: JID, to: JID) -> None:
+        """The last presence of each of ``user``'s available resources, to ``to`` (§4.3.2)."""
+        for session in self.host.router.available(user):
             if session.presence is not None:
                 out = clone(session.presence)
                 out.set("from", str(session.jid))
-                out.set("to", str(sender))
+                out.set("to", str(to))
                 await self.host.router.deliver(out)
+
+    async def _probe(self, sender: JID, contact: JID) -> None:
+        item = await self.host.storage.rosters.get(str(contact), str(sender.bare))
+        if item is not None and item.subscription in HAS_FROM:
+            await self._send_current(contact, sender)
 
     # -- subscriptions (§3) -------------------------------------------------------------
 
@@ -223,12 +232,7 @@ class Presence(Module):
                 return
         await self.host.router.deliver(stanza)
         if type_ == "subscribed":
-            for session in self.host.router.available(user):
-                if session.presence is not None:
-                    out = clone(session.presence)
-                    out.set("from", str(session.jid))
-                    out.set("to", str(contact))
-                    await self.host.router.deliver(out)
+            await self._send_current(user, contact)
         elif type_ == "unsubscribed":
             for session in self.host.router.available(user):
                 out = make("presence", from_=session.jid, to=contact, type="unavailable")
@@ -247,12 +251,7 @@ class Presence(Module):
                 sub = {"none": "from", "to": "both"}.get(item.subscription, item.subscription)
                 await self.roster.put(contact, replace(item, subscription=sub, approved=False))
                 await router.deliver(make("presence", from_=contact, to=user, type="subscribed"))
-                for session in router.available(contact):
-                    if session.presence is not None:
-                        out = clone(session.presence)
-                        out.set("from", str(session.jid))
-                        out.set("to", str(user))
-                        await router.deliver(out)
+                await self._send_current(contact, user)
                 return
             await storage.subscriptions.add(str(contact), str(user), tostring(stanza))
             self._to_interested(contact, stanza)

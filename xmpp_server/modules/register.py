@@ -27,10 +27,9 @@ from xmpp_server.errors import (
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
-from xmpp_server.modules.last import iq_addresses
 from xmpp_server.router import IqKey, Session
 from xmpp_server.sasl import make_credentials, saslprep
-from xmpp_server.stanza import iq_result, make, qn
+from xmpp_server.stanza import iq_addresses, iq_result, make, qn
 from xmpp_server.storage import AccountExists, AccountNotFound
 from xmpp_server.throttle import FailureThrottle
 from xmpp_server.xml import Element

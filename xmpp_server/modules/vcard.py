@@ -17,9 +17,8 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.modules.base import Module
-from xmpp_server.modules.last import iq_addresses
 from xmpp_server.router import IqKey, Session
-from xmpp_server.stanza import iq_result, qn
+from xmpp_server.stanza import iq_addresses, iq_result, qn
 from xmpp_server.xml import NS_CLIENT, Element, fromstring, tostring
 
 NS_VCARD = "vcard-temp"
