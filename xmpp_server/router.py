@@ -52,6 +52,8 @@ SessionHook = Callable[[Session], Awaitable[None]]
 DomainHandler = Callable[[Session | None, Element, JID], Awaitable[None]]
 Filter = Callable[[Element, JID, JID], Awaitable[StanzaError | bool]]
 """(stanza, from, to-bare) → False to pass, True to drop silently, an error to bounce."""
+DeliveredHook = Callable[[Element, JID, list[Session]], None]
+"""(message, recipient account, the sessions it was written to) after a live delivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class Router:
         self._bound: list[SessionHook] = []
         self._unbound: list[SessionHook] = []
         self._available: list[SessionHook] = []
+        self._delivered: list[DeliveredHook] = []
 
     # -- registration -----------------------------------------------------------------
 
@@ -95,8 +98,15 @@ class Router:
         self._iq[key] = handler
 
     def add_hook(self, event: str, hook: Hook, priority: int = 0) -> None:
-        """Events: ``message/bare``, ``message/full``, ``message/host``, ``presence/bare``,
-        ``presence/full``, ``presence/host``, ``presence/self`` (no 'to'), ``message/offline``."""
+        """Events, highest priority first; a hook returning True ends the stanza's journey:
+
+        * ``message/sent``: a client's message, after filters, before delivery (archive the
+          sender's copy, carbons of what was sent);
+        * ``message/incoming``: a message for an existing local account, before it is
+          delivered or stored (stamp the stanza-id, archive the recipient's copy);
+        * ``message/bare``, ``message/full``, ``message/host``, ``message/offline``;
+        * ``presence/bare``, ``presence/full``, ``presence/host``, ``presence/self`` (no 'to').
+        """
         self._hooks.setdefault(event, _Hooks()).add(priority, hook)
 
     def add_domain(self, domain: str, handler: DomainHandler) -> None:
@@ -110,6 +120,10 @@ class Router:
 
     def on_unbound(self, hook: SessionHook) -> None:
         self._unbound.append(hook)
+
+    def on_delivered(self, hook: DeliveredHook) -> None:
+        """Called after a message was written to live sessions of its recipient (carbons)."""
+        self._delivered.append(hook)
 
     def on_available(self, hook: SessionHook) -> None:
         """Called after a session's initial presence (offline delivery starts here)."""
@@ -207,6 +221,8 @@ class Router:
                     return
                 if await self._filtered(self._in_filters, stanza, sender, to):
                     return
+            if kind == "message" and not await self._message_pipeline(origin, stanza, to):
+                return
             if to.resource is None:
                 await self._to_bare(origin, stanza, kind, to)
             else:
@@ -216,6 +232,20 @@ class Router:
         except Exception:
             log.exception("error while routing a %s", kind)
             self._bounce(origin, stanza, InternalServerError())
+
+    async def _message_pipeline(self, origin: Session | None, stanza: Element, to: JID) -> bool:
+        """Run the sent/incoming hooks for a message to a local account; False = stop."""
+        if to.bare not in self.sessions and not await self.account_exists(to.bare):
+            if stanza.get("type") == "error":
+                return False
+            raise ServiceUnavailable()
+        if origin is not None and await self._run_hooks("message/sent", origin, stanza, to):
+            return False
+        return not await self._run_hooks("message/incoming", origin, stanza, to)
+
+    def delivered(self, stanza: Element, user: JID, sessions: list[Session]) -> None:
+        for hook in self._delivered:
+            hook(stanza, user, sessions)
 
     async def _filtered(self, filters: list[Filter], stanza: Element, sender: JID, to: JID) -> bool:
         for flt in filters:
@@ -290,15 +320,15 @@ class Router:
         if type_ == "groupchat":
             raise ServiceUnavailable()
         sessions = [s for s in self.available(to) if s.priority >= 0]
-        if type_ == "headline":
+        if sessions and type_ != "headline":
+            top = max(s.priority for s in sessions)
+            sessions = [s for s in sessions if s.priority == top]
+        if sessions:
             for s in sessions:
                 s.deliver(stanza)
+            self.delivered(stanza, to, sessions)
             return
-        if sessions:
-            top = max(s.priority for s in sessions)
-            for s in sessions:
-                if s.priority == top:
-                    s.deliver(stanza)
+        if type_ == "headline":
             return
         if not await self.account_exists(to):
             raise ServiceUnavailable()
@@ -312,6 +342,8 @@ class Router:
         session = self.session(to)
         if session is not None:
             session.deliver(stanza)
+            if kind == "message":
+                self.delivered(stanza, to.bare, [session])
             return
         # RFC 6121 §8.5.3.2: no such resource.
         if kind == "iq":

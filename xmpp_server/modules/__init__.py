@@ -15,6 +15,7 @@ from xmpp_server.modules.presence import Presence
 from xmpp_server.modules.register import Register
 from xmpp_server.modules.roster import Roster
 from xmpp_server.modules.session import LegacySession
+from xmpp_server.modules.stanza_id import StanzaId
 from xmpp_server.modules.vcard import VCard
 from xmpp_server.modules.version import Version
 
@@ -27,6 +28,7 @@ MODULES: dict[str, type[Module]] = {
         LegacySession,
         Roster,
         Presence,
+        StanzaId,
         Offline,
         Disco,
         Ping,

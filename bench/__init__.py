@@ -1,0 +1,1 @@
+"""Benchmarks for natterd; ``python -m bench.load --help`` is the load generator."""
