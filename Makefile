@@ -36,7 +36,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	@echo "benchmarks are added with the performance issue; see bench/README.md"
+	$(BIN)/python -m bench.load connect -c 1000
+	$(BIN)/python -m bench.load chat -c 200 -m 200
 
 clean:
 	rm -rf $(VENV) data .test-services

@@ -16,7 +16,12 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-from xmpp_server.storage.tables import Base, UtcDateTime
+from xmpp_server.storage.tables import (
+    ARCHIVE_FTS_INDEX,
+    ARCHIVE_FTS_TABLE,
+    Base,
+    UtcDateTime,
+)
 
 config = context.config
 target_metadata = Base.metadata
@@ -41,12 +46,20 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     return False
 
 
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Leave the per-backend full-text search structures of migration 0002 out of comparisons."""
+    if type_ == "table":
+        return not (name or "").startswith(ARCHIVE_FTS_TABLE)
+    return not (type_ == "index" and name == ARCHIVE_FTS_INDEX)
+
+
 def configure(**kwargs: Any) -> None:
     # Batch mode lets ALTERs work on SQLite (it recreates the table); PostgreSQL gets plain ALTERs.
     context.configure(
         target_metadata=target_metadata,
         render_as_batch=True,
         render_item=render_item,
+        include_name=include_name,
         **kwargs,
     )
 

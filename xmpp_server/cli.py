@@ -189,7 +189,41 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "--if-missing", action="store_true", help="do nothing (and succeed) if both files exist"
     )
 
+    archive = commands.add_parser("archive", help="manage message archives").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    cmd = command(archive, "purge", _archive_purge, "delete old archived messages")
+    cmd.add_argument(
+        "--older-than",
+        type=int,
+        metavar="DAYS",
+        help="age in days (default: modules.mam.retention_days)",
+    )
+    cmd.add_argument("--user", metavar="JID", help="only this account's archive")
+
     command(commands, "check-config", _check_config, "validate the configuration")
+
+    cmd = command(
+        commands, "announce", _announce, "send a message to the users of a running natterd"
+    )
+    target = cmd.add_mutually_exclusive_group()
+    target.add_argument(
+        "--online",
+        dest="target",
+        action="store_const",
+        const="online",
+        help="to every online session (the default)",
+    )
+    target.add_argument(
+        "--all",
+        dest="target",
+        action="store_const",
+        const="all",
+        help="also store it for offline accounts, who get it when they next log in",
+    )
+    cmd.set_defaults(target="online")
+    cmd.add_argument("--subject", help="the message's subject")
+    cmd.add_argument("body", metavar="BODY", help="the message text; - reads it from stdin")
     return parser
 
 
@@ -436,6 +470,38 @@ def _cert_generate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _archive_purge(args: argparse.Namespace, config: Config) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from xmpp_server.config import parse_options
+    from xmpp_server.modules.mam import MamOptions
+
+    user = _account(args.user, config) if args.user is not None else None
+    days: int | None = args.older_than
+    if days is None:
+        raw = dict(config.modules.get("mam", {}))
+        raw.pop("enabled", None)
+        try:
+            days = parse_options(MamOptions, raw, "modules.mam").retention_days
+        except ConfigError as exc:
+            raise config.explain(exc) from None
+        if days == 0:
+            _out("archives are kept forever (modules.mam.retention_days = 0); nothing purged")
+            return EXIT_OK
+    elif days < 0:
+        _fail(EXIT_USAGE, f"--older-than must be 0 or more days, got {days}")
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+
+    async def purge() -> int:
+        async with _storage(config) as storage:
+            purged = await storage.archive.purge(user, older_than=cutoff)
+        whose = f" of {user}" if user else ""
+        _out(f"purged {purged} archived messages{whose} older than {days} days")
+        return EXIT_OK
+
+    return asyncio.run(purge())
+
+
 def _validate_modules(config: Config) -> None:
     """Use the module registry's validator when it exists (it is optional for this command)."""
     try:
@@ -475,4 +541,30 @@ def _check_config(args: argparse.Namespace, config: Config) -> int:
     _out(f"  auth:      {', '.join(config.auth.mechanisms)}")
     _out(f"  modules:   {', '.join(sorted(config.modules)) or '(none configured)'}")
     _out(f"  logging:   {config.logging.level}, {config.logging.format}")
+    return EXIT_OK
+
+
+def _announce(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server import control
+
+    body: str = sys.stdin.read() if args.body == "-" else args.body
+    if not body.strip():
+        _fail(EXIT_USAGE, "empty announcement")
+    path = control.socket_path(config)
+    message = {"command": "announce", "target": args.target, "body": body}
+    if args.subject:
+        message["subject"] = args.subject
+    try:
+        answer = asyncio.run(control.request(path, message))
+    except control.NotRunning as exc:
+        _fail(EXIT_FAILED, str(exc))
+    except (OSError, ValueError) as exc:  # permission denied, timeout, garbled answer
+        _fail(EXIT_FAILED, f"control socket {path}: {exc}")
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else None
+        _fail(EXIT_FAILED, f"natterd refused the announcement: {error or repr(answer)}")
+    text = f"announcement delivered to {answer['delivered']} online session(s)"
+    if args.target == "all":
+        text += f", stored for {answer['stored']} offline account(s)"
+    _out(text)
     return EXIT_OK

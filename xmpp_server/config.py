@@ -294,6 +294,10 @@ class C2SConfig:
     read_burst: int = field(default=262144, metadata={"min": 1})
     max_connections_per_ip: int = field(default=0, metadata={"min": 0})
     """0 means unlimited."""
+    stream_management: bool = True
+    """Offer XEP-0198 stream management (acks, resumption)."""
+    resume_timeout: float = field(default=300.0, metadata={"min": 0})
+    """Seconds a session whose connection dropped waits to be resumed; 0 disables resumption."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from xmpp_server import stream as st
@@ -18,6 +19,8 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.jid import JID
+from xmpp_server.sm import Pending, StreamManagement
+from xmpp_server.stanza import IQ, MESSAGE, qn
 from xmpp_server.xml import Element
 
 if TYPE_CHECKING:
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("natterd.c2s")
 
 READ_SIZE = 65536
+NS_DELAY = "urn:xmpp:delay"
 
 
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -64,20 +68,63 @@ class Connection:
         self.interested = False
         self.directed: set[JID] = set()
         self.bound = False
+        # XEP-0198: the session's SM state; a detached session waits to be resumed.
+        self.sm: StreamManagement | None = None
+        self.detached = False
+        self._resumable_end = False  # the transport died: keep the session for resumption
+        self._replaced = False  # a resuming connection took this session over
+        self._expiry: asyncio.TimerHandle | None = None
+        self._unbound = asyncio.Event()
+        self._rescue: deque[Element] = deque()  # unconfirmed stanzas being rerouted
+        self._ack_requested = False
         self._closing = False
         self._tokens = float(host.config.c2s.read_burst)
         self._last_refill = time.monotonic()
 
     # -- Session protocol -------------------------------------------------------------
 
-    def deliver(self, stanza: Element) -> None:
+    def deliver(
+        self,
+        stanza: Element,
+        on_ack: Callable[[], None] | None = None,
+        on_lost: Callable[[Element], None] | None = None,
+    ) -> None:
+        """Send ``stanza``. ``on_ack`` runs once the client confirmed it (XEP-0198) or, without
+        stream management, once it was written; ``on_lost`` runs instead when the session
+        ends without confirmation (default: give a message to another resource or offline
+        storage)."""
+        sm = self.sm
+        if sm is not None:
+            if not sm.track(Pending(stanza, on_ack, on_lost)):
+                self.terminate(StreamError("resource-constraint", "too many unacknowledged"))
+                return
+            if self.detached or self._closing:
+                return
+            self.stream.send(stanza)
+            if not self._ack_requested:
+                # One <r/> after the current burst of output, not one per stanza.
+                self._ack_requested = True
+                asyncio.get_running_loop().call_soon(self._request_ack)
+            self._flush()
+            return
         if self._closing:
+            self._lost(Pending(stanza, on_ack, on_lost))
             return
         self.stream.send(stanza)
         self._flush()
+        if on_ack is not None:
+            on_ack()
+
+    def _request_ack(self) -> None:
+        if self.sm is not None and self.sm.queue and not self.detached and not self._closing:
+            self.stream.request_ack()
+            self._flush()
 
     def terminate(self, error: StreamError) -> None:
         self.log.info("closing: %s", error.condition)
+        if self.detached:
+            self._schedule(self.end_session())
+            return
         self.stream.close(error)
         self._flush()
         self._close_transport()
@@ -96,11 +143,120 @@ class Connection:
             self._flush()
         finally:
             self._closing = True
-            if self.bound:
-                self.bound = False
-                await self.host.router.unbind(self)
             self._close_transport()
-            self.log.info("disconnected")
+            if self._replaced or not self.bound:
+                self.log.info("disconnected")
+            elif self.sm is not None and self.sm.resumable and self._resumable_end:
+                self._detach()
+            else:
+                await self.end_session()
+                self.log.info("disconnected")
+
+    # -- session end and resumption (XEP-0198) ----------------------------------------
+
+    def _detach(self) -> None:
+        """Keep the session (presence, queue) for a client that may come back and resume."""
+        timeout = self.host.config.c2s.resume_timeout
+        self.detached = True
+        self.log.info("connection lost; session kept %.0f s for resumption", timeout)
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(timeout, lambda: self._schedule(self.end_session()))
+
+    async def end_session(self) -> None:
+        """The session is over for good: leave the router, then rescue what the client
+        never acknowledged."""
+        if not self.bound:
+            return
+        self.bound = False
+        self.detached = False
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.sm is not None:
+            self.host.resumable.pop(self.sm.id, None)
+        await self.host.router.unbind(self)
+        self._unbound.set()
+        if self.sm is not None:
+            for pending in self.sm.take_unacked():
+                self._lost(pending)
+
+    def _lost(self, pending: Pending) -> None:
+        if pending.on_lost is not None:
+            pending.on_lost(pending.stanza)
+            return
+        self._rescue.append(pending.stanza)
+        if len(self._rescue) == 1:
+            self._schedule(self._reroute_all())
+
+    async def _reroute_all(self) -> None:
+        """Reroute in one task, one at a time, so the order of messages is kept."""
+        await self._unbound.wait()
+        while self._rescue:
+            await self._reroute(self._rescue[0])
+            self._rescue.popleft()
+
+    async def _reroute(self, stanza: Element) -> None:
+        """A stanza this session never confirmed: messages go to another resource or offline
+        storage (stamped with their original time); iq requests get an error."""
+        router = self.host.router
+        if stanza.tag == MESSAGE and stanza.get("type", "normal") in ("chat", "normal"):
+            if stanza.find(qn(NS_DELAY, "delay")) is None:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                delay = Element(qn(NS_DELAY, "delay"), {"from": self.host.domain, "stamp": stamp})
+                stanza.append(delay)
+            try:
+                await router.deliver_message_to_bare(None, stanza, self.jid.bare)
+            except StanzaError as exc:
+                self.log.warning("could not keep an unacknowledged message: %s", exc)
+        elif stanza.tag == IQ and stanza.get("type") in ("get", "set"):
+            router.bounce(None, stanza, ServiceUnavailable())
+
+    def _schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.host.background.add(task)
+        task.add_done_callback(self.host.background.discard)
+
+    async def _enable_sm(self, event: st.SmEnableRequested) -> None:
+        c2s = self.host.config.c2s
+        resumable = event.resume and c2s.resume_timeout > 0
+        self.sm = StreamManagement(secrets.token_urlsafe(18), resumable=resumable)
+        if resumable:
+            self.host.resumable[self.sm.id] = self
+        self.stream.sm_enabled(self.sm.id, resumable, int(c2s.resume_timeout))
+
+    async def _resume(self, event: st.ResumeRequested) -> list[st.StreamEvent]:
+        old = self.host.resumable.get(event.previd)
+        user = self.stream.jid
+        if old is None or old.sm is None or user is None or old.jid.bare != user.bare:
+            return self.stream.resume_failed()
+        sm = old.sm
+        try:
+            confirmed = sm.ack(event.h)
+        except StreamError:
+            return self.stream.resume_failed(sm.handled)
+        # Take the session over from the old connection, which may not know yet it is dead.
+        old._replaced = True
+        old.bound = False
+        if old._expiry is not None:
+            old._expiry.cancel()
+        old._close_transport()
+        self.sm = sm
+        self.jid = old.jid
+        self.available, self.priority, self.presence = old.available, old.priority, old.presence
+        self.interested, self.directed = old.interested, old.directed
+        self.host.router.replace(old, self)
+        self.host.resumable[sm.id] = self
+        self.bound = True
+        self.log.extra = {"id": str(self.jid)}
+        self.log.info("resumed session, %d stanzas to resend", len(sm.queue))
+        for pending in confirmed:
+            if pending.on_ack is not None:
+                pending.on_ack()
+        events = self.stream.resumed(self.jid, event.previd, sm.handled)
+        for pending in sm.queue:
+            self.stream.send(pending.stanza)
+        self.stream.request_ack()
+        self._ack_requested = True
+        return events
 
     async def _read_loop(self) -> None:
         idle = self.host.config.c2s.idle_timeout
@@ -109,9 +265,14 @@ class Connection:
                 async with asyncio.timeout(idle):
                     data = await self.reader.read(READ_SIZE)
             except TimeoutError:
+                self._resumable_end = True  # a phone asleep may come back and resume
                 self.terminate(StreamError("connection-timeout", "idle for too long"))
                 return
+            except (ConnectionError, OSError):
+                self._resumable_end = True
+                raise
             if not data:
+                self._resumable_end = True  # EOF without </stream:stream>
                 return
             if self.bound and log.isEnabledFor(logging.DEBUG):
                 # Only after binding: negotiation carries SASL secrets (PLAIN is a password).
@@ -140,6 +301,24 @@ class Connection:
             event = queue.popleft()
             if isinstance(event, st.StanzaReceived):
                 await self.host.router.route(self, event.stanza)
+                if self.sm is not None:
+                    self.sm.count_handled()  # only now: delivered or stored durably
+            elif isinstance(event, st.AckReceived):
+                assert self.sm is not None
+                for pending in self.sm.ack(event.h):
+                    if pending.on_ack is not None:
+                        pending.on_ack()
+                # Stanzas sent after our <r/> still need confirming.
+                self._ack_requested = bool(self.sm.queue)
+                if self._ack_requested:
+                    asyncio.get_running_loop().call_soon(self._request_ack)
+            elif isinstance(event, st.AckRequested):
+                assert self.sm is not None
+                self.stream.send_ack(self.sm.handled)
+            elif isinstance(event, st.SmEnableRequested):
+                await self._enable_sm(event)
+            elif isinstance(event, st.ResumeRequested):
+                queue.extend(await self._resume(event))
             elif isinstance(event, st.CredentialsNeeded):
                 queue.extend(await self._credentials(event))
             elif isinstance(event, st.AuthFailed):

@@ -40,7 +40,12 @@ class Session(Protocol):
     interested: bool  # asked for the roster: receives roster pushes
     directed: set[JID]  # JIDs that got directed available presence
 
-    def deliver(self, stanza: Element) -> None: ...
+    def deliver(
+        self,
+        stanza: Element,
+        on_ack: Callable[[], None] | None = None,
+        on_lost: Callable[[Element], None] | None = None,
+    ) -> None: ...
 
     def terminate(self, error: StreamError) -> None: ...
 
@@ -159,6 +164,12 @@ class Router:
         for hook in self._bound:
             await hook(session)
 
+    def replace(self, old: Session, new: Session) -> None:
+        """A resumed stream (XEP-0198) takes over ``old``'s place without any hooks running."""
+        resources = self.sessions.get(old.jid.bare, {})
+        if resources.get(old.jid.resource or "") is old:
+            resources[old.jid.resource or ""] = new
+
     async def unbind(self, session: Session) -> None:
         jid = session.jid
         resources = self.sessions.get(jid.bare)
@@ -181,7 +192,7 @@ class Router:
         try:
             to = _to(stanza)
         except StanzaError as exc:
-            self._bounce(origin, stanza, exc)
+            self.bounce(origin, stanza, exc)
             return
         await self._dispatch(origin, stanza, to, origin.jid)
 
@@ -228,10 +239,10 @@ class Router:
             else:
                 await self._to_full(origin, stanza, kind, to)
         except StanzaError as exc:
-            self._bounce(origin, stanza, exc)
+            self.bounce(origin, stanza, exc)
         except Exception:
             log.exception("error while routing a %s", kind)
-            self._bounce(origin, stanza, InternalServerError())
+            self.bounce(origin, stanza, InternalServerError())
 
     async def _message_pipeline(self, origin: Session | None, stanza: Element, to: JID) -> bool:
         """Run the sent/incoming hooks for a message to a local account; False = stop."""
@@ -358,7 +369,7 @@ class Router:
         elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
             await self._to_bare(origin, stanza, kind, to.bare)
 
-    def _bounce(self, origin: Session | None, stanza: Element, exc: StanzaError) -> None:
+    def bounce(self, origin: Session | None, stanza: Element, exc: StanzaError) -> None:
         """Answer ``stanza`` with an error; never answer an error or a result."""
         if stanza.get("type") in ("error", "result"):
             return

@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from xmpp_server import sasl, tls
+from xmpp_server import control, sasl, tls
 from xmpp_server.config import Config
 from xmpp_server.connection import Connection
 from xmpp_server.errors import StreamError
@@ -25,6 +25,8 @@ from xmpp_server.throttle import FailureThrottle
 from xmpp_server.xml import XmlLimits
 
 log = logging.getLogger("natterd")
+
+STOP_TIMEOUT = 10.0  # seconds connections get to wind down on shutdown
 
 
 @dataclass
@@ -41,6 +43,9 @@ class Host:
     account_throttle: FailureThrottle
     modules: dict[str, Module] = field(default_factory=dict)
     started_at: float = 0.0
+    # XEP-0198 sessions that may be resumed, by SM id (connected or detached).
+    resumable: dict[str, Connection] = field(default_factory=dict)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def domain(self) -> str:
@@ -54,8 +59,9 @@ class Server:
         self.host = host
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._per_ip: dict[str, int] = {}
+        self.control: control.ControlServer | None = None
 
     @classmethod
     async def start(cls, config: Config) -> Server:
@@ -82,6 +88,7 @@ class Server:
                     key.read_bytes(), b"natterd fake SCRAM salt", "sha256"
                 ).digest(),
                 scram_iterations=config.auth.scram_iterations,
+                stream_management=config.c2s.stream_management,
             )
 
             async def account_exists(jid: JID) -> bool:
@@ -119,6 +126,7 @@ class Server:
         return server
 
     async def _listen(self) -> None:
+        self.control = await control.open_control(self.host)
         c2s = self.host.config.c2s
         hosts: Any = c2s.host
         self._servers.append(
@@ -169,6 +177,10 @@ class Server:
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         conn = Connection(self.host, reader, writer, direct_tls=direct_tls)
         self._connections.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         try:
             await conn.run()
         finally:
@@ -181,16 +193,24 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, tell every client the server is going away, close storage."""
+        if self.control is not None:
+            await self.control.close()
         for srv in self._servers:
             srv.close()
         for conn in list(self._connections):
             conn.terminate(StreamError("system-shutdown"))
-        for _ in range(50):
-            if not self._connections:
-                break
-            await asyncio.sleep(0.02)
+        # Each connection ends its session (unacknowledged messages go to offline storage)
+        # before the database closes.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=STOP_TIMEOUT)
         for srv in self._servers:
             await srv.wait_closed()
+        # Sessions waiting for resumption end now: what they hold goes to offline storage.
+        for conn in list(self.host.resumable.values()):
+            if conn.detached:
+                await conn.end_session()
+        while self.host.background:
+            await asyncio.gather(*list(self.host.background), return_exceptions=True)
         for module in self.host.modules.values():
             await module.stop()
         await self.host.storage.close()

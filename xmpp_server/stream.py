@@ -38,6 +38,7 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.jid import JID
+from xmpp_server.sm import NS_SM, parse_h
 from xmpp_server.stanza import IQ, STANZA_TAGS, error_reply, iq_result, qn
 from xmpp_server.xml import (
     NS_CLIENT,
@@ -87,6 +88,8 @@ class StreamSettings:
     scram_iterations: int = 4096
     # XEP-0077: accounts may be created on the stream before authentication (after TLS).
     registration: bool = False
+    # XEP-0198: offer stream management (acks and resumption).
+    stream_management: bool = True
 
 
 # -- events --------------------------------------------------------------------------
@@ -131,6 +134,31 @@ class RegistrationRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class SmEnableRequested:
+    """XEP-0198 §3: answer with ``sm_enabled`` or ``sm_failed``."""
+
+    resume: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequested:
+    """XEP-0198 §5: answer with ``resumed`` or ``resume_failed``."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckRequested:
+    """``<r/>``: answer with ``send_ack`` once every stanza before it was handled."""
+
+
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
 class StanzaReceived:
     stanza: Element
 
@@ -149,6 +177,10 @@ StreamEvent = (
     | AuthFailed
     | BindRequested
     | RegistrationRequested
+    | SmEnableRequested
+    | ResumeRequested
+    | AckRequested
+    | AckReceived
     | StanzaReceived
     | StreamEnded
 )
@@ -167,6 +199,7 @@ class Wait(Enum):
     CREDENTIALS = auto()
     BIND = auto()
     REGISTRATION = auto()
+    RESUME = auto()
 
 
 class Stream:
@@ -194,6 +227,7 @@ class Stream:
         self._mechanism: sasl.Mechanism | None = None
         self._offered: list[str] = []
         self._sasl_failures = 0
+        self.sm_active = False
 
     # -- public API -------------------------------------------------------------------
 
@@ -282,6 +316,37 @@ class Stream:
         bind = Element(qn(NS_BIND, "bind"))
         ET.SubElement(bind, qn(NS_BIND, "jid")).text = str(full_jid)
         self._out.append(tobytes(iq_result(iq, bind)))
+        return self._drain_held([])
+
+    def sm_enabled(self, sm_id: str, resume: bool, max_seconds: int) -> None:
+        self.sm_active = True
+        attrs = f" id='{escape_attr(sm_id)}' resume='true' max='{max_seconds}'" if resume else ""
+        self._out.append(f"<enabled xmlns='{NS_SM}'{attrs}/>".encode())
+
+    def sm_failed(self, condition: str = "unexpected-request") -> None:
+        self._out.append(_sm_failed(condition))
+
+    def send_ack(self, h: int) -> None:
+        self._out.append(f"<a xmlns='{NS_SM}' h='{h}'/>".encode())
+
+    def request_ack(self) -> None:
+        self._out.append(f"<r xmlns='{NS_SM}'/>".encode())
+
+    def resumed(self, full_jid: JID, previd: str, h: int) -> list[StreamEvent]:
+        """The session ``previd`` continues on this stream; the shell then resends what the
+        client has not acknowledged."""
+        self._wait = Wait.NONE
+        self.jid = full_jid
+        self.phase = Phase.BOUND
+        self.sm_active = True
+        self._out.append(
+            f"<resumed xmlns='{NS_SM}' previd='{escape_attr(previd)}' h='{h}'/>".encode()
+        )
+        return self._drain_held([])
+
+    def resume_failed(self, h: int | None = None) -> list[StreamEvent]:
+        self._wait = Wait.NONE
+        self._out.append(_sm_failed("item-not-found", h))
         return self._drain_held([])
 
     def registration_done(self, iq: Element) -> list[StreamEvent]:
@@ -373,6 +438,8 @@ class Stream:
             ET.SubElement(session, qn(NS_SESSION, "optional"))
             ET.SubElement(features, qn(NS_ROSTERVER, "ver"))
             ET.SubElement(features, qn(NS_PREAPPROVAL, "sub"))
+            if self.settings.stream_management:
+                ET.SubElement(features, qn(NS_SM, "sm"))
             for tag in self.settings.session_features:
                 ET.SubElement(features, tag)
         return features
@@ -382,6 +449,9 @@ class Stream:
         if self.phase is Phase.BOUND:
             if tag in STANZA_TAGS:
                 events.append(StanzaReceived(el))
+                return
+            if tag.startswith(_SM_PREFIX) and self.settings.stream_management:
+                self._sm_element(el, events)
                 return
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
         if self.phase is Phase.CONNECTED:
@@ -397,7 +467,14 @@ class Stream:
             else:
                 raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
             return
-        # AUTHENTICATED: only resource binding (and the legacy session iq) may pass.
+        # AUTHENTICATED: only resource binding or stream resumption may pass.
+        if tag == qn(NS_SM, "resume") and self.settings.stream_management:
+            self._wait = Wait.RESUME
+            events.append(ResumeRequested(el.get("previd", ""), parse_h(el)))
+            return
+        if tag == qn(NS_SM, "enable"):
+            self.sm_failed("unexpected-request")  # XEP-0198 §3: only after binding
+            return
         if tag == IQ and el.get("type") == "set":
             bind = el.find(qn(NS_BIND, "bind"))
             if bind is not None:
@@ -408,6 +485,24 @@ class Stream:
         if tag in STANZA_TAGS:
             raise StreamError("not-authorized", "bind a resource first")
         raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _sm_element(self, el: Element, events: list[StreamEvent]) -> None:
+        local = el.tag.rpartition("}")[2]
+        if local == "enable":
+            if self.sm_active:
+                self.sm_failed("unexpected-request")
+            else:
+                events.append(SmEnableRequested(el.get("resume") in ("true", "1")))
+        elif not self.sm_active:
+            raise StreamError("unsupported-stanza-type", "stream management is not enabled")
+        elif local == "r":
+            events.append(AckRequested())
+        elif local == "a":
+            events.append(AckReceived(parse_h(el)))
+        elif local == "resume":
+            self.sm_failed("unexpected-request")
+        else:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
 
     def _may_register(self) -> bool:
         return self.settings.registration and (self.tls or not self.settings.require_tls)
@@ -539,6 +634,17 @@ class Stream:
         self._out.append(b"</stream:stream>")
         self.phase = Phase.CLOSED
         events.append(StreamEnded(exc))
+
+
+_SM_PREFIX = f"{{{NS_SM}}}"
+
+
+def _sm_failed(condition: str, h: int | None = None) -> bytes:
+    h_attr = f" h='{h}'" if h is not None else ""
+    return (
+        f"<failed xmlns='{NS_SM}'{h_attr}><{condition} "
+        "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    ).encode()
 
 
 def _b64(text: str | None) -> bytes | None:

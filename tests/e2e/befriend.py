@@ -13,3 +13,7 @@ async def befriend(alice: Client, bob: Client) -> None:
     bob.send_presence_subscription(pto=alice.boundjid.bare)
     await next_matching(alice.presences, lambda p: p["type"] == "subscribe")
     alice.send_presence(pto=bob.boundjid.bare, ptype="subscribed")
+    # Both sides have processed the last approval once Bob has received it.
+    await next_matching(
+        bob.presences, lambda p: p["type"] == "subscribed" and p["from"] == alice.boundjid.bare
+    )

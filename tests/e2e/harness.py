@@ -73,6 +73,7 @@ class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
         *,
         mechanism: str | None = None,
         direct_tls: bool = False,
+        stream_management: bool = False,
     ) -> None:
         kwargs = {"sasl_mech": mechanism} if mechanism else {}
         super().__init__(jid, password, **kwargs)
@@ -94,6 +95,12 @@ class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.register_plugin("xep_0203")
+        self.acked: list[Any] = []
+        if stream_management:
+            self.register_plugin("xep_0198")
+            sm = self.plugin["xep_0198"]
+            sm.window = sm.window_counter = 1  # ask for an ack after every stanza
+            self.add_event_handler("stanza_acked", self.acked.append)
 
     def start(self) -> asyncio.Future[Any]:
         port = self.natterd.direct_tls_port if self.direct_tls else self.natterd.c2s_port

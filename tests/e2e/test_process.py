@@ -141,3 +141,55 @@ async def test_provision_serve_restart_and_crash(config_file: Path) -> None:
             first = await next_matching(bob.messages, lambda m: m["type"] == "chat")
             second = await next_matching(bob.messages, lambda m: m["type"] == "chat")
             assert [first["body"], second["body"]] == ["before restart", "before crash"]
+
+
+async def test_sigkill_keeps_every_acknowledged_message(config_file: Path) -> None:
+    """Kill -9 while Alice streams to offline Bob: every message the server acknowledged
+    (XEP-0198 <a/>) reaches Bob after the restart, once."""
+    code, out = await ctl(config_file, "db", "upgrade")
+    assert code == 0, out
+    for user in ("alice", "bob"):
+        code, out = await ctl(
+            config_file,
+            "user",
+            "add",
+            f"{user}@localhost",
+            "--password-file",
+            "-",
+            stdin=b"correct horse\n",
+        )
+        assert code == 0, out
+    server = endpoint(config_file)
+    async with natterd(config_file) as proc:
+        alice = Client(server, "alice@localhost", stream_management=True)
+        async with clients(alice):
+            await alice.login()
+
+            def acked_bodies() -> list[str]:
+                return [s["body"] for s in alice.acked if s.name == "message"]
+
+            sent = 0
+            async with asyncio.timeout(60):
+                while len(acked_bodies()) < 150:
+                    if sent - len(acked_bodies()) < 20:  # a window of 20 in flight
+                        alice.send_message(mto="bob@localhost", mbody=f"s{sent}", mtype="chat")
+                        sent += 1
+                    else:
+                        alice.plugin["xep_0198"].request_ack()
+                        await asyncio.sleep(0.005)
+            # Keep streaming while the server dies mid-flight.
+            for _ in range(50):
+                alice.send_message(mto="bob@localhost", mbody=f"s{sent}", mtype="chat")
+                sent += 1
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            acked = set(acked_bodies())
+    assert len(acked) >= 150
+    async with natterd(config_file):
+        async with clients(Client(server, "bob@localhost")) as (bob,):
+            await bob.login()
+            await bob.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
+            got = [m["body"] for m in bob.messages.items if m["type"] == "chat"]
+    assert acked <= set(got), sorted(acked - set(got))
+    assert len(got) == len(set(got)), "duplicates"
+    assert got == sorted(got, key=lambda b: int(b[1:])), "out of order"

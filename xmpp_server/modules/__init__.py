@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from xmpp_server.config import Config, ConfigError, parse_options
+from xmpp_server.modules.addressing import Addressing
+from xmpp_server.modules.announce import Announce
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
+from xmpp_server.modules.carbons import Carbons
 from xmpp_server.modules.disco import Disco
 from xmpp_server.modules.last import LastActivity
+from xmpp_server.modules.mam import Mam
 from xmpp_server.modules.offline import Offline
 from xmpp_server.modules.ping import Ping
 from xmpp_server.modules.presence import Presence
@@ -30,6 +34,7 @@ MODULES: dict[str, type[Module]] = {
         Presence,
         StanzaId,
         Offline,
+        Mam,
         Disco,
         Ping,
         Version,
@@ -37,6 +42,9 @@ MODULES: dict[str, type[Module]] = {
         LastActivity,
         Blocking,
         Register,
+        Carbons,
+        Addressing,
+        Announce,
     )
 }
 

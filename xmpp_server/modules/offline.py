@@ -6,9 +6,12 @@ Chat states (XEP-0085) and ``no-store`` hints (XEP-0334) are never stored.
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING
 
 from xmpp_server.errors import ResourceConstraint
 from xmpp_server.jid import JID
@@ -17,10 +20,21 @@ from xmpp_server.router import Session
 from xmpp_server.stanza import qn
 from xmpp_server.xml import Element, fromstring, tostring
 
+if TYPE_CHECKING:
+    from xmpp_server.server import Host
+
 NS_DELAY = "urn:xmpp:delay"
 NS_CHATSTATES = "http://jabber.org/protocol/chatstates"
 NS_HINTS = "urn:xmpp:hints"
 NS_OFFLINE = "msgoffline"
+
+
+# Children that do not make a message worth keeping on their own: a "composing" with a
+# stanza-id is still only a chat state.
+_NOT_CONTENT = (
+    *(f"{{{ns}}}" for ns in (NS_CHATSTATES, NS_HINTS, NS_DELAY, "urn:xmpp:sid:0")),
+    "{jabber:client}thread",
+)
 
 
 @dataclass(frozen=True)
@@ -33,13 +47,19 @@ def worth_storing(message: Element) -> bool:
         return False
     if message.find(qn(NS_HINTS, "store")) is not None:
         return True
-    return any(not child.tag.startswith(f"{{{NS_CHATSTATES}}}") for child in message)
+    return any(not child.tag.startswith(_NOT_CONTENT) for child in message)
 
 
 class Offline(Module):
     name = "offline"
     options_class = OfflineOptions
     features = (NS_OFFLINE,)
+
+    def __init__(self, host: Host, options: OfflineOptions) -> None:
+        super().__init__(host, options)
+        self._in_flight: dict[str, set[int]] = {}  # delivered, not yet confirmed
+        self._to_delete: dict[str, list[int]] = {}
+        self._deleting: asyncio.Future[None] | None = None
 
     def setup(self) -> None:
         self.host.router.add_hook("message/offline", self.store)
@@ -61,14 +81,42 @@ class Offline(Module):
         return True
 
     async def flush(self, session: Session) -> None:
+        """Send the stored messages in order; each row is deleted only once the client
+        acknowledged it (XEP-0198) or, without stream management, once it was written."""
         if session.priority < 0:
             return
-        offline = self.host.storage.offline
         user = str(session.jid.bare)
-        while True:
-            batch = await offline.fetch(user, limit=100)
-            if not batch:
-                return
-            for _id, xml in batch:
-                session.deliver(fromstring(xml))
-            await offline.delete(user, [msg_id for msg_id, _ in batch])
+        in_flight = self._in_flight.setdefault(user, set())
+        for msg_id, xml in await self.host.storage.offline.fetch(user):
+            if msg_id in in_flight:
+                continue  # another resource has it and has not confirmed yet
+            in_flight.add(msg_id)
+            session.deliver(
+                fromstring(xml),
+                on_ack=partial(self._confirmed, user, msg_id),
+                on_lost=partial(self._unconfirmed, user, msg_id),
+            )
+
+    def _unconfirmed(self, user: str, msg_id: int, _stanza: Element) -> None:
+        """The session ended first: the row stays and goes out on the next flush."""
+        self._in_flight.get(user, set()).discard(msg_id)
+
+    def _confirmed(self, user: str, msg_id: int) -> None:
+        self._to_delete.setdefault(user, []).append(msg_id)
+        if self._deleting is None or self._deleting.done():
+            self._deleting = asyncio.ensure_future(self._delete_confirmed())
+
+    async def _delete_confirmed(self) -> None:
+        """Delete confirmed rows in batches, off the path that delivers them."""
+        while self._to_delete:
+            user, ids = self._to_delete.popitem()
+            await self.host.storage.offline.delete(user, ids)
+            in_flight = self._in_flight.get(user)
+            if in_flight is not None:
+                in_flight.difference_update(ids)
+                if not in_flight:
+                    del self._in_flight[user]
+
+    async def stop(self) -> None:
+        if self._deleting is not None:
+            await self._deleting

@@ -117,11 +117,12 @@ class Presence(Module):
             return
         session.available = False
         session.presence = None
-        await self._broadcast(session, stanza)
         user = session.jid.bare
         if not self.host.router.available(user):
+            # Before the broadcast: a contact who sees "offline" may ask "since when?" at once.
             status = stanza.findtext("{jabber:client}status") or ""
             await self.host.storage.last_activity.set(str(user), time.time(), status[:1024])
+        await self._broadcast(session, stanza)
 
     async def on_session_closed(self, session: Session) -> None:
         if session.available:

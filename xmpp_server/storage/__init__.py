@@ -13,6 +13,14 @@ from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from .accounts import AccountInfo, Accounts
+from .archive import (
+    Archive,
+    ArchiveEntry,
+    ArchiveItem,
+    ArchivePage,
+    ArchivePrefs,
+    UnknownArchiveId,
+)
 from .blocklist import Blocklists
 from .db import hide_password, is_memory_sqlite, make_engine, sqlite_file
 from .errors import AccountExists, AccountNotFound, NotMigrated
@@ -28,6 +36,11 @@ __all__ = [
     "AccountInfo",
     "AccountNotFound",
     "Accounts",
+    "Archive",
+    "ArchiveEntry",
+    "ArchiveItem",
+    "ArchivePage",
+    "ArchivePrefs",
     "Blocklists",
     "LastActivity",
     "NotMigrated",
@@ -36,6 +49,7 @@ __all__ = [
     "RosterItem",
     "Rosters",
     "Storage",
+    "UnknownArchiveId",
     "VCards",
 ]
 
@@ -56,6 +70,7 @@ class Storage:
         self.last_activity = LastActivity(self.sessions, dialect)
         self.blocklist = Blocklists(self.sessions, dialect)
         self.offline = OfflineMessages(self.sessions, dialect)
+        self.archive = Archive(self.sessions, dialect)
 
     @classmethod
     async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:

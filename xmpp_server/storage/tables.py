@@ -184,3 +184,50 @@ class OfflineMessage(UserRow, Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     xml: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+# Full-text search structures that only one backend has, so they are created by migration 0002
+# outside these models; schema/env.py keeps `alembic check` from reporting them as drift.
+ARCHIVE_FTS_TABLE = "archive_fts"  # SQLite FTS5 (and its shadow tables archive_fts_*)
+ARCHIVE_FTS_INDEX = "ix_archive_body_fts"  # PostgreSQL GIN on to_tsvector('simple', body)
+
+
+class ArchivedMessage(UserRow, Base):
+    """XEP-0313 archive: one row per message per owner (an account, later a room's bare JID).
+
+    Results are ordered by ``(timestamp, id)``, so the owner indexes end in ``id`` and serve
+    every page as a range scan without a sort; the ``timestamp`` index is for retention.
+    """
+
+    __tablename__ = "archive"
+    __table_args__ = (
+        Index(None, "domain", "username", "stanza_id", unique=True),
+        Index(None, "domain", "username", "timestamp", "id"),
+        Index(None, "domain", "username", "with_jid", "timestamp", "id"),
+        Index(None, "timestamp"),
+        CheckConstraint("direction IN ('in', 'out')", name="direction"),
+        {"sqlite_autoincrement": True},  # ids are never reused, also after a purge
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    stanza_id: Mapped[str] = mapped_column(Text)  # the archive id clients see (XEP-0359)
+    with_jid: Mapped[str] = mapped_column(Text)  # the peer's bare JID
+    with_resource: Mapped[str | None] = mapped_column(Text)  # for a 'with' full JID
+    direction: Mapped[str] = mapped_column(Text)
+    timestamp: Mapped[datetime] = mapped_column(UtcDateTime)
+    xml: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)  # what full-text search looks at
+
+
+class ArchivePreference(UserRow, Base):
+    """XEP-0441 archiving preferences; a user without a row gets the server's mode."""
+
+    __tablename__ = "archive_prefs"
+    __table_args__ = (
+        PrimaryKeyConstraint("domain", "username"),
+        CheckConstraint("default_mode IN ('always', 'never', 'roster')", name="default_mode"),
+    )
+
+    default_mode: Mapped[str] = mapped_column(Text)
+    always: Mapped[list[str]] = mapped_column(JSON)
+    never: Mapped[list[str]] = mapped_column(JSON)
