@@ -6,6 +6,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+from sqlalchemy import text
+
 from tests.e2e.harness import TIMEOUT, Client, add_user, clients, next_matching, running_server
 from xmpp_server.jid import JID
 from xmpp_server.server import Server
@@ -158,3 +160,38 @@ async def test_session_end_keeps_what_a_client_never_confirmed(
         assert await storage.offline.count(b) == 5
     finally:
         await storage.close()
+
+
+async def sql_count(server: Server, table: str) -> int:
+    async with server.host.storage.engine.connect() as conn:
+        return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+
+
+async def test_ephemeral_mode_keeps_nothing_after_the_ack(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """WhatsApp mode: a message lives in the database only until the recipient's client
+    acknowledged it, and is never archived (checked with SQL, not through our stores)."""
+    overrides = {"modules": {"mam": {"mode": "ephemeral"}}}
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        a, b = await add_user(server, "alice"), await add_user(server, "bob")
+        async with clients(Client(server, a)) as (alice,):
+            await alice.login()
+            for i in range(10):
+                alice.send_message(mto=b, mbody=f"vanish {i}", mtype="chat")
+            await alice.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
+        assert await sql_count(server, "offline_messages") == 10
+        async with clients(Client(server, b, stream_management=True)) as (bob,):
+            await bob.login()
+            await next_matching(bob.messages, lambda m: m["body"] == "vanish 9")
+            async with asyncio.timeout(TIMEOUT):
+                while await sql_count(server, "offline_messages") != 0:
+                    bob.plugin["xep_0198"].request_ack()  # nudges the server's <r/> round trip
+                    await asyncio.sleep(0.05)
+            # Live messages are not kept either.
+            async with clients(Client(server, a)) as (alice,):
+                await alice.login()
+                alice.send_message(mto=b, mbody="live", mtype="chat")
+                await next_matching(bob.messages, lambda m: m["body"] == "live")
+        assert await sql_count(server, "offline_messages") == 0
+        assert await sql_count(server, "archive") == 0
