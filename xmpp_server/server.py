@@ -95,6 +95,7 @@ class Server:
                 return await storage.accounts.exists(str(jid.bare))
 
             auth = config.auth
+            lockout = auth.lockout if auth.max_failures else 0.0
             host = Host(
                 config=config,
                 storage=storage,
@@ -102,11 +103,12 @@ class Server:
                 ssl_context=context,
                 bindings=bindings,
                 stream_settings=settings,
+                # max_failures = 0 turns the lockout off: a zero lockout never blocks.
                 ip_throttle=FailureThrottle(
-                    auth.max_failures * 4, auth.failure_window, auth.lockout
+                    max(1, auth.max_failures * 4), auth.failure_window, lockout
                 ),
                 account_throttle=FailureThrottle(
-                    auth.max_failures, auth.failure_window, auth.lockout
+                    max(1, auth.max_failures), auth.failure_window, lockout
                 ),
                 started_at=asyncio.get_running_loop().time(),
             )

@@ -132,3 +132,17 @@ async def test_server_generates_a_resource(migrated_db_url: str, tmp_path: Path)
             await two.login()
             assert one.boundjid.resource and two.boundjid.resource
             assert one.boundjid.resource != two.boundjid.resource
+
+
+async def test_max_failures_zero_turns_the_lockout_off(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    async with running_server(migrated_db_url, tmp_path, {"auth": {"max_failures": 0}}) as server:
+        jid = await add_user(server, "alice")
+        for _ in range(6):
+            async with clients(Client(server, jid, "wrong")) as (bad,):
+                bad.start()
+                failure = await asyncio.wait_for(bad.auth_failures.get(), 15)
+                assert failure["condition"] == "not-authorized"
+        async with clients(Client(server, jid)) as (alice,):
+            await alice.login()
