@@ -845,9 +845,7 @@ class LocalServer:
             f"direct_tls_port = {self.tls_port}\n"
             "read_rate = 0\n"
             "[auth]\n"
-            # max_failures = 0 ("disables it") makes natterd exit at start; a zero lockout
-            # turns the throttle off as well.
-            "lockout = 0\n"
+            "max_failures = 0\n"
             "scram_iterations = 4096\n"
             "[logging]\n"
             'level = "info"\n'
@@ -1361,6 +1359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile_limit()  # inherited by natterd and the workers
+    # SIGTERM unwinds like Ctrl-C, so the server of our own is stopped and its directory removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server: LocalServer | None = None
     try:
         if args.host is None:

@@ -78,6 +78,7 @@ class FakeHost:
     router: Router
     started_at: float
     modules: dict[str, Module] = field(default_factory=dict)
+    known_accounts: None = None
 
     @property
     def domain(self) -> str:

@@ -7,6 +7,8 @@ import hmac
 import logging
 import signal
 import ssl
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +45,7 @@ class Host:
     account_throttle: FailureThrottle
     modules: dict[str, Module] = field(default_factory=dict)
     started_at: float = 0.0
+    known_accounts: KnownAccounts | None = None
     # XEP-0198 sessions that may be resumed, by SM id (connected or detached).
     resumable: dict[str, Connection] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -50,6 +53,37 @@ class Host:
     @property
     def domain(self) -> str:
         return self.config.server.domain
+
+
+class KnownAccounts:
+    """Which accounts exist, asked for every message to an offline user: a positive answer
+    is remembered for a while (accounts are created by natterctl in another process, so a
+    negative one never is). Deleting an account here forgets it at once."""
+
+    TTL = 60.0
+    SIZE = 100_000
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._seen: OrderedDict[JID, float] = OrderedDict()
+
+    async def exists(self, jid: JID) -> bool:
+        bare = jid.bare
+        now = time.monotonic()
+        seen = self._seen.get(bare)
+        if seen is not None and now - seen < self.TTL:
+            return True
+        if not await self.storage.accounts.exists(str(bare)):
+            self._seen.pop(bare, None)
+            return False
+        self._seen[bare] = now
+        self._seen.move_to_end(bare)
+        if len(self._seen) > self.SIZE:
+            self._seen.popitem(last=False)
+        return True
+
+    def forget(self, jid: JID) -> None:
+        self._seen.pop(jid.bare, None)
 
 
 class Server:
@@ -91,15 +125,15 @@ class Server:
                 stream_management=config.c2s.stream_management,
             )
 
-            async def account_exists(jid: JID) -> bool:
-                return await storage.accounts.exists(str(jid.bare))
+            known = KnownAccounts(storage)
 
             auth = config.auth
             lockout = auth.lockout if auth.max_failures else 0.0
             host = Host(
                 config=config,
                 storage=storage,
-                router=Router(domain, account_exists),
+                router=Router(domain, known.exists),
+                known_accounts=known,
                 ssl_context=context,
                 bindings=bindings,
                 stream_settings=settings,

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -63,6 +64,7 @@ from xmpp_server.xml import (
 if TYPE_CHECKING:
     from xmpp_server.server import Host
 
+PREFS_CACHE = 100_000  # owners whose archiving preferences are kept in memory
 log = logging.getLogger("natterd.mam")
 
 NS_MAM = "urn:xmpp:mam:2"
@@ -360,6 +362,9 @@ class Mam(Module):
         self.default_mode: DefaultMode = "always" if options.mode == "archive" else "never"
         self._purger: asyncio.Task[None] | None = None
         self._last_stamp = datetime.min.replace(tzinfo=UTC)
+        # Stored preferences per owner (None = none set): read on every message, changed rarely
+        # and only through this module, so a bounded cache saves a query per message.
+        self._prefs: OrderedDict[str, ArchivePrefs | None] = OrderedDict()
 
     def setup(self) -> None:
         router = self.host.router
@@ -407,7 +412,15 @@ class Mam(Module):
     async def prefs(self, owner: JID) -> ArchivePrefs:
         """The preferences in force for ``owner``: theirs if they may and did set any."""
         if self.options.allow_user_override:
-            stored = await self.host.storage.archive.get_prefs(str(owner))
+            key = str(owner)
+            if key in self._prefs:
+                self._prefs.move_to_end(key)
+                stored = self._prefs[key]
+            else:
+                stored = await self.host.storage.archive.get_prefs(key)
+                self._prefs[key] = stored
+                if len(self._prefs) > PREFS_CACHE:
+                    self._prefs.popitem(last=False)
             if stored is not None:
                 return stored
         return ArchivePrefs(self.default_mode)
@@ -546,4 +559,5 @@ class Mam(Module):
         assert el is not None
         prefs = parse_prefs(el)
         await self.host.storage.archive.set_prefs(str(owner), prefs)
+        self._prefs.pop(str(owner), None)
         session.deliver(iq_result(iq, prefs_element(prefs)))

@@ -68,16 +68,15 @@ class Offline(Module):
     async def store(self, origin: Session | None, message: Element, to: JID) -> bool:
         if not worth_storing(message):
             return True
-        offline = self.host.storage.offline
-        user = str(to.bare)
-        if await offline.count(user) >= self.options.max_per_user:
-            raise ResourceConstraint("the recipient's offline storage is full")
         if message.find(qn(NS_DELAY, "delay")) is None:
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             ET.SubElement(
                 message, qn(NS_DELAY, "delay"), {"from": self.host.domain, "stamp": stamp}
             )
-        await offline.push(user, tostring(message))
+        limit = self.options.max_per_user
+        stored = await self.host.storage.offline.push(str(to.bare), tostring(message), limit=limit)
+        if stored is None:
+            raise ResourceConstraint(f"the recipient's offline storage is full ({limit} messages)")
         return True
 
     async def flush(self, session: Session) -> None:

@@ -125,6 +125,8 @@ class Register(Module):
         if not await self.host.storage.accounts.exists(str(user)):
             raise RegistrationRequired()
         await self._leave(session, user)
+        if self.host.known_accounts is not None:
+            self.host.known_accounts.forget(user)
         if not await self.host.storage.accounts.delete(str(user)):
             raise RegistrationRequired()
         self._forget(user)

@@ -47,9 +47,12 @@ def hide_password(url: str) -> str:
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the one writer; foreign keys are off unless asked for;
     # busy_timeout makes a second writer wait instead of failing at once with "database is locked".
+    # synchronous=NORMAL in WAL mode: a commit survives the process dying (kill -9), and only
+    # an OS crash or power cut can lose the last commits; it saves an fsync per commit.
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     finally:
@@ -59,14 +62,15 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(parsed, pool_pre_ping=True)
-    if is_memory_sqlite(parsed):
-        # Each connection would see its own empty database: keep exactly one, handed out in turn.
-        engine = create_async_engine(
-            parsed, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0
-        )
-    else:
-        engine = create_async_engine(parsed)
+        # No pre-ping: it costs a round trip per transaction; a connection broken by a database
+        # restart fails once, invalidates the pool, and the next transaction reconnects.
+        return create_async_engine(parsed, pool_size=10, max_overflow=10)
+    # One connection, handed out in turn: an in-memory database exists only on its connection,
+    # and for a file SQLite allows one writer anyway. Several connections would contend for the
+    # write lock and sleep in SQLite's busy handler (measured: a third fewer offline stores/s).
+    engine = create_async_engine(
+        parsed, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0
+    )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
 

@@ -11,10 +11,19 @@ from .tables import OfflineMessage
 
 
 class OfflineMessages(Store):
-    async def push(self, user: str, xml: str) -> int:
-        """Store a message durably; the id only ever grows, so it orders the queue."""
+    async def push(self, user: str, xml: str, *, limit: int | None = None) -> int | None:
+        """Store a message durably; the id only ever grows, so it orders the queue. With
+        ``limit``, the queue is counted in the same transaction and None returned when full."""
         domain, username = split_user(user)
         async with self._sessions.begin() as session:
+            if limit is not None:
+                queued = await session.scalar(
+                    select(func.count())
+                    .select_from(OfflineMessage)
+                    .where(OfflineMessage.domain == domain, OfflineMessage.username == username)
+                )
+                if (queued or 0) >= limit:
+                    return None
             result = await session.execute(
                 insert(OfflineMessage)
                 .values(domain=domain, username=username, xml=xml)
