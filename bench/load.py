@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing.connection import Connection, wait
@@ -804,14 +805,52 @@ async def provision(url: str, domain: str, prefix: str, password: str, count: in
         await asyncio.gather(*(create(f"{prefix}{i}@{domain}") for i in range(1, count + 1)))
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
+    return "".join(
+        f"[{name}]\n" + "".join(f"{key} = {toml_value(v)}\n" for key, v in values.items())
+        for name, values in tables.items()
+    )
+
+
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (``modules.mam.mode=ephemeral``); the value is read as TOML,
+    else taken as a string."""
+    dotted, sep, raw = text.partition("=")
+    table, dot, key = dotted.strip().rpartition(".")
+    if not sep or not dot or not table or not key:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return table, key, value
+
+
 class LocalServer:
     """natterd as a subprocess in a temporary directory: SQLite there (or ``--db-url``), free
     loopback ports, no per-connection read rate and no login throttle, so the figures show
     the server's cost rather than its protections."""
 
-    def __init__(self, domain: str, db_url: str | None, keep: bool) -> None:
+    def __init__(
+        self,
+        domain: str,
+        db_url: str | None,
+        keep: bool,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.domain = domain
         self.keep = keep
+        self.settings = settings or {}  # extra config tables, e.g. {"modules.mam": {...}}
         self.dir = Path(tempfile.mkdtemp(prefix="natter-bench-"))
         self.data_dir = self.dir / "data"
         self.url = db_url or f"sqlite+aiosqlite:///{self.data_dir}/natterd.sqlite3"
@@ -832,24 +871,22 @@ class LocalServer:
         self.data_dir.mkdir()
         asyncio.run(provision(self.url, self.domain, prefix, password, users))
         self.port, self.tls_port = free_ports(2)
+        tables: dict[str, dict[str, Any]] = {
+            "server": {"domain": self.domain, "data_dir": str(self.data_dir)},
+            "storage": {"url": self.url},
+            "c2s": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "direct_tls_port": self.tls_port,
+                "read_rate": 0,  # no per-connection rate limit
+            },
+            "auth": {"max_failures": 0},  # no login throttle
+            "logging": {"level": "info"},  # "natterd serving" is the readiness signal
+        }
+        for name, values in self.settings.items():
+            tables.setdefault(name, {}).update(values)
         config = self.dir / "natterd.toml"
-        config.write_text(
-            "[server]\n"
-            f"domain = {json.dumps(self.domain)}\n"
-            f"data_dir = {json.dumps(str(self.data_dir))}\n"
-            "[storage]\n"
-            f"url = {json.dumps(self.url)}\n"
-            "[c2s]\n"
-            'host = "127.0.0.1"\n'
-            f"port = {self.port}\n"
-            f"direct_tls_port = {self.tls_port}\n"
-            "read_rate = 0\n"
-            "[auth]\n"
-            "max_failures = 0\n"
-            "scram_iterations = 4096\n"
-            "[logging]\n"
-            'level = "info"\n'
-        )
+        config.write_text(to_toml(tables))
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "xmpp_server", "--config", str(config), "run"],
@@ -1115,6 +1152,7 @@ def orchestrate(args: argparse.Namespace, target: Target, server_pid: int | None
             "domain": target.domain,
             "tls": target.tls,
             "self_started": args.host is None,
+            "settings": [f"{t}.{k}={toml_value(v)}" for t, k, v in args.server_set],
         },
         "login": {
             "ok": ok,
@@ -1242,6 +1280,8 @@ def _cpu_row(figures: dict[str, Any]) -> str:
 def print_report(r: dict[str, Any]) -> None:
     t, login, server, phases = r["target"], r["login"], r["server"], r["phases"]
     where = "self-started natterd" if t["self_started"] else "external server"
+    if t["settings"]:
+        where += ", " + ", ".join(t["settings"])
     _out(
         f"{r['scenario']}: {r['clients']} clients, {r['procs']} worker processes, "
         f"{t['tls']} TLS to {t['host']}:{t['port']} ({where})"
@@ -1319,6 +1359,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--server-pid", type=int, help="PID of an external server, to read its RSS")
     g.add_argument("--db-url", help="own server on this database (e.g. postgresql+asyncpg://…)")
     g.add_argument("--keep", action="store_true", help="keep the own server's directory and log")
+    g.add_argument(
+        "--server-set",
+        action="append",
+        type=parse_setting,
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting for the own server, e.g. modules.mam.mode=ephemeral (repeatable)",
+    )
     g = common.add_argument_group("run")
     g.add_argument("--procs", type=int, default=2, help="worker processes (default: 2)")
     g.add_argument("--max-pending", type=int, default=0, help="logins in progress at once (0: all)")
@@ -1351,8 +1399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("chat needs an even number of clients")
         if args.window is None:
             args.window = 0 if args.rate else 1
-    if args.host is not None and args.db_url:
-        parser.error("--db-url is for the server this tool starts; not with --host")
+    if args.host is not None and (args.db_url or args.server_set):
+        parser.error("--db-url and --server-set are for the server this tool starts")
     return args
 
 
@@ -1364,7 +1412,10 @@ def main(argv: list[str] | None = None) -> int:
     server: LocalServer | None = None
     try:
         if args.host is None:
-            server = LocalServer(args.domain, args.db_url, args.keep)
+            settings: dict[str, dict[str, Any]] = {}
+            for table, key, value in args.server_set:
+                settings.setdefault(table, {})[key] = value
+            server = LocalServer(args.domain, args.db_url, args.keep, settings)
             server.start(args.clients, args.user_prefix, args.password)
             host, port = "127.0.0.1", server.tls_port if args.tls == "direct" else server.port
             cafile: str | None = server.cafile

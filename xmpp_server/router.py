@@ -175,14 +175,16 @@ class Router:
         resources = self.sessions.get(jid.bare)
         if resources is None or resources.get(jid.resource or "") is not session:
             return
+        # Out of the table first, then the hooks: a second unbind of the same session, or a
+        # new session binding the same resource while the hooks run, finds the table right.
+        del resources[jid.resource or ""]
+        if not resources:
+            del self.sessions[jid.bare]
         for hook in self._unbound:
             try:
                 await hook(session)
             except Exception:
                 log.exception("session close hook failed for %s", jid)
-        del resources[jid.resource or ""]
-        if not resources:
-            del self.sessions[jid.bare]
 
     # -- routing ----------------------------------------------------------------------
 

@@ -170,6 +170,8 @@ class Blocking(Module):
         self._cache.pop(user, None)
 
     async def _session_closed(self, session: Session) -> None:
+        if self.host.router.session(session.jid) is not None:
+            return  # a new session took this resource over; its request stands
         bare = session.jid.bare
         requested = self._requested.get(bare)
         if requested is not None:

@@ -111,7 +111,9 @@ class Carbons(Module):
         session.deliver(iq_result(iq))
 
     async def on_unbound(self, session: Session) -> None:
-        self.enabled.discard(session.jid)
+        # A new session may already have bound (and enabled carbons on) the same resource.
+        if self.host.router.session(session.jid) is None:
+            self.enabled.discard(session.jid)
 
     def _targets(self, user: JID, skip: list[Session]) -> list[Session]:
         return [
