@@ -32,12 +32,13 @@ test: $(STAMP) lint
 	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check xmpp_server stun voip tests schema
+	$(BIN)/ruff check xmpp_server stun voip tests schema bench
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load connect -c 1000
-	$(BIN)/python -m bench.load chat -c 200 -m 200
+	$(BIN)/python -m bench.load chat -c 200 -m 200 --server-set modules.mam.mode=ephemeral
+	$(BIN)/python -m bench.load chat -c 200 -m 20
 
 clean:
 	rm -rf $(VENV) data .test-services

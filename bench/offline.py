@@ -16,8 +16,8 @@ import asyncio
 import os
 import re
 import time
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from bench.archive import DEFAULT_POSTGRES_URL, postgres_database
 from bench.load import Client, LocalServer, Target, client_context, login
@@ -72,7 +72,7 @@ async def measure(server: LocalServer, pairs: int, messages: int) -> dict[str, f
 
     def on_sender_element(el: bytes) -> None:
         nonlocal answered
-        if el.startswith(b"<iq") and b"id=\"flushed\"" in el.replace(b"'", b'"'):
+        if el.startswith(b"<iq") and b'id="flushed"' in el.replace(b"'", b'"'):
             answered += 1
             if answered == pairs:
                 done.set()
@@ -82,7 +82,8 @@ async def measure(server: LocalServer, pairs: int, messages: int) -> dict[str, f
         sender.dispatch(on_sender_element, lambda: None)
         partner = f"{PREFIX}{sender.number + pairs}@{DOMAIN}".encode()
         chunk = b"".join(
-            b"<message type='chat' to='%s'><body>%d %d</body></message>" % (partner, sender.number, i)
+            b"<message type='chat' to='%s'><body>%d %d</body></message>"
+            % (partner, sender.number, i)
             for i in range(messages)
         )
         sender.send(chunk + b"<iq type='get' id='flushed'><ping xmlns='urn:xmpp:ping'/></iq>")
