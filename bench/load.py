@@ -34,7 +34,7 @@ import time
 import tomllib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing.connection import Connection, wait
@@ -454,6 +454,8 @@ async def timed_login(
             reason = f"TLS: {exc.reason or exc}"
         except OSError as exc:
             reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+        except ValueError as exc:  # bad base64 or number from the server
+            reason = f"malformed server data: {exc}"
         end = time.perf_counter_ns()
     if reason is not None:
         client.abort()
@@ -475,17 +477,32 @@ class ChatRun:
         self.expected = 0
         self.delivered = 0
         self.sent = 0
+        self.sent_measured = 0
         self.duplicates = 0
         self.misrouted = 0  # arrived at a client that is not its addressee
         self.bounced = 0  # type='error' messages
         self.reordered = 0
         self.unexpected = 0  # messages without our body format
         self.stream_errors = 0
-        self.latencies = array("q")  # microseconds
-        self.received_ns = array("q")  # arrival times, for the steady-state rate
-        self.first_send_ns = 0
+        self.warm = 0  # leading messages per sender that are warm-up, not measured
+        self.first_latencies = array("q")  # warm-up messages, microseconds
+        self.latencies = array("q")  # measured messages, microseconds
+        self.received_ns = array("q")  # arrival times of measured messages
+        self.first_send_ns = 0  # of the measured phase
         self.last_send_ns = 0
+        self.checkpoint = 0  # ``done`` is set when this many messages have arrived
         self.done = asyncio.Event()
+
+    async def wait(self, stall_timeout: float) -> None:
+        """Until the checkpoint, or until nothing arrived for ``stall_timeout`` seconds."""
+        progress, since = -1, time.monotonic()
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), 0.25)
+            if self.delivered != progress:
+                progress, since = self.delivered, time.monotonic()
+            elif time.monotonic() - since > stall_timeout:
+                return  # no progress: whatever is missing is lost
 
 
 class Peer:
@@ -507,6 +524,7 @@ class Peer:
         self.sent = 0
         self.inflight = 0
         self.due = 0 if rate_mode else UNLIMITED  # messages the pacer has released
+        self.cap = total  # messages that may be sent so far (1 during the warm-up)
         self.scheduled = 0
         self.seen = bytearray(total)  # from the partner, by sequence number
         self.last_seq = -1
@@ -526,7 +544,7 @@ class Peer:
 
     def pump(self) -> None:
         """Send what the window, the pacer and the message count allow, in one write."""
-        n = min(self.window - self.inflight, self.total - self.sent, self.due)
+        n = min(self.window - self.inflight, self.cap - self.sent, self.due)
         if n <= 0 or self.client.closed:
             return
         now = time.perf_counter_ns()
@@ -538,8 +556,10 @@ class Peer:
         self.due -= n
         run = self.run
         run.sent += n
-        if not run.first_send_ns:
-            run.first_send_ns = now
+        if first + n > run.warm:
+            run.sent_measured += first + n - max(first, run.warm)
+            if not run.first_send_ns:
+                run.first_send_ns = now
         run.last_send_ns = now
 
     def on_element(self, el: bytes) -> None:
@@ -570,16 +590,19 @@ class Peer:
             run.reordered += 1
         self.last_seq = seq
         partner.inflight -= 1
-        run.latencies.append((now - sent_at) // 1000)
-        run.received_ns.append(now)
+        if seq < run.warm:
+            run.first_latencies.append((now - sent_at) // 1000)
+        else:
+            run.latencies.append((now - sent_at) // 1000)
+            run.received_ns.append(now)
         run.delivered += 1
-        if run.delivered == run.expected:
+        if run.delivered == run.checkpoint:
             run.done.set()
 
 
 async def pace(peers: list[Peer], rate: float) -> None:
     """Open loop: release messages at ``rate`` per second, round robin over the senders."""
-    active = [p for p in peers if p.total]
+    active = [p for p in peers if p.scheduled < p.total]
     start = time.perf_counter()
     released = 0
     i = 0
@@ -614,6 +637,7 @@ class ChatSpec:
     rate: float  # this worker's share, msgs/s; 0: closed loop
     stall_timeout: float
     to_full: bool
+    warmup: bool  # each sender's first message goes alone, before the measured phase
     grace: float = 0.5
 
 
@@ -681,7 +705,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
         )
     )
     if await command() == "chat" and spec.chat is not None:
-        stats = await _chat(spec.chat, spec.target, clients, ok, conn)
+        stats = await _chat(spec.chat, spec.target, clients, ok, conn, command)
         conn.send(("chat_done", stats))
         await command()  # "close"
     for client in clients:
@@ -696,6 +720,7 @@ async def _chat(
     clients: list[Client],
     ok: list[bool],
     conn: Connection,
+    command: Callable[[], Awaitable[str]],
 ) -> dict[str, Any]:
     run = ChatRun()
     window = spec.window or UNLIMITED
@@ -708,13 +733,34 @@ async def _chat(
             continue
         pa = Peer(a, spec.messages, window, spec.rate > 0, run)
         pb = Peer(b, spec.messages, window, spec.rate > 0, run)
-
         pa.pair_with(pb, _address(b, target, spec.to_full))
         pb.pair_with(pa, _address(a, target, spec.to_full))
         for peer in (pa, pb):
             peer.client.dispatch(peer.on_element, peer.partner.pump)
             peers.append(peer)
     run.expected = spec.messages * len(peers)
+    warmup_s = 0.0
+    if spec.warmup and spec.messages and peers:
+        # Each sender's first message alone: it meets the cold caches (and in open loop,
+        # nothing is queued behind it), and the measured phase starts warm.
+        run.warm, run.checkpoint = 1, len(peers)
+        for peer in peers:
+            peer.cap = 1
+            if spec.rate > 0:
+                peer.due = peer.scheduled = 1
+        started = time.perf_counter()
+        for peer in peers:
+            peer.pump()
+        await run.wait(spec.stall_timeout)
+        warmup_s = time.perf_counter() - started
+    conn.send(("warmed", None))
+    await command()  # "go": every worker is warm
+    run.done.clear()
+    run.checkpoint = run.expected
+    if run.delivered >= run.checkpoint:
+        run.done.set()
+    for peer in peers:
+        peer.cap = peer.total
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     pacer: asyncio.Task[None] | None = None
     if spec.rate > 0:
@@ -722,16 +768,7 @@ async def _chat(
     else:
         for peer in peers:
             peer.pump()
-    if run.expected == 0:
-        run.done.set()
-    progress, since = -1, time.monotonic()
-    while not run.done.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.done.wait(), 0.25)
-        if run.delivered != progress:
-            progress, since = run.delivered, time.monotonic()
-        elif time.monotonic() - since > spec.stall_timeout:
-            break  # no progress: whatever is missing is lost
+    await run.wait(spec.stall_timeout)
     cpu1, wall1 = cpu_seconds(), time.perf_counter()
     if pacer is not None:
         pacer.cancel()
@@ -742,6 +779,7 @@ async def _chat(
         "skipped_pairs": skipped,
         "expected": run.expected,
         "sent": run.sent,
+        "sent_measured": run.sent_measured,
         "delivered": run.delivered,
         "duplicates": run.duplicates,
         "misrouted": run.misrouted,
@@ -751,6 +789,8 @@ async def _chat(
         "stream_errors": run.stream_errors,
         "disconnects": sum(p.client.closed for p in peers),
         "latencies_us": run.latencies.tobytes(),
+        "first_latencies_us": run.first_latencies.tobytes(),
+        "warmup_s": warmup_s,
         "received_ns": run.received_ns.tobytes(),
         "first_send_ns": run.first_send_ns,
         "last_send_ns": run.last_send_ns,
@@ -1098,6 +1138,7 @@ def orchestrate(args: argparse.Namespace, target: Target, server_pid: int | None
                 rate=args.rate * len(group) / args.clients if args.rate else 0.0,
                 stall_timeout=args.timeout,
                 to_full=args.to_full,
+                warmup=not args.no_warmup,
             )
         max_pending = -(-args.max_pending * len(group) // args.clients) if args.max_pending else 0
         spec = WorkerSpec(w, group, target, max_pending, chat_spec)
@@ -1120,9 +1161,12 @@ def orchestrate(args: argparse.Namespace, target: Target, server_pid: int | None
         time.sleep(args.settle)
         rss_sessions = rss_kib(server_pid)
         if chat:
-            s2 = Snapshot.take(server_pid)
             for c in conns:
                 c.send("chat")
+            collect(conns, "warmed", args.login_timeout + args.timeout + 120)
+            s2 = Snapshot.take(server_pid)
+            for c in conns:
+                c.send("go")
             budget = args.clients * args.messages / args.rate if args.rate else 600.0
             collect(conns, "delivered", budget + args.timeout * 2 + 120)
             s3 = Snapshot.take(server_pid)
@@ -1212,6 +1256,7 @@ def merge_chat(args: argparse.Namespace, chats: list[dict[str, Any]]) -> dict[st
             "skipped_pairs",
             "expected",
             "sent",
+            "sent_measured",
             "delivered",
             "duplicates",
             "misrouted",
@@ -1225,6 +1270,7 @@ def merge_chat(args: argparse.Namespace, chats: list[dict[str, Any]]) -> dict[st
     firsts = [c["first_send_ns"] for c in chats if c["first_send_ns"]]
     last_sends = [c["last_send_ns"] for c in chats if c["last_send_ns"]]
     arrivals = sorted(merge_samples(chats, "received_ns"))
+    measured = len(arrivals)
     span = (arrivals[-1] - min(firsts)) / 1e9 if firsts and arrivals else 0.0
     send_span = (max(last_sends) - min(firsts)) / 1e9 if firsts and last_sends else 0.0
     steady = None
@@ -1239,10 +1285,14 @@ def merge_chat(args: argparse.Namespace, chats: list[dict[str, Any]]) -> dict[st
         **total,
         "lost": lost,
         "seconds": round(span, 3),
-        "delivered_per_s": round(total["delivered"] / span, 1) if span > 0 else None,
+        "measured": measured,
+        "delivered_per_s": round(measured / span, 1) if span > 0 else None,
         "steady_per_s": steady,
-        "sent_per_s": round(total["sent"] / send_span, 1) if send_span > 0 else None,
+        "sent_per_s": round(total["sent_measured"] / send_span, 1) if send_span > 0 else None,
         "latency_ms": percentiles(merge_samples(chats, "latencies_us")),
+        "warmup": not args.no_warmup,
+        "warmup_seconds": round(max(c["warmup_s"] for c in chats), 3) if chats else None,
+        "first_message_latency_ms": percentiles(merge_samples(chats, "first_latencies_us")),
         "failed": bool(
             lost
             or total["duplicates"]
@@ -1320,9 +1370,19 @@ def print_report(r: dict[str, Any]) -> None:
         )
         rows += [
             ("chat", f"{chat['pairs']} pairs x 2 x {chat['messages_per_sender']} msgs, {mode}"),
+        ]
+        if chat["warmup"]:
+            rows.append(
+                (
+                    "first messages",
+                    _ms(chat["first_message_latency_ms"])
+                    + f" (warm-up, one per sender, {chat['warmup_seconds']:.1f} s)",
+                )
+            )
+        rows += [
             (
                 "delivered",
-                f"{chat['delivered']:,} of {chat['expected']:,} in {chat['seconds']:.2f} s"
+                f"{chat['measured']:,} measured in {chat['seconds']:.2f} s"
                 f" = {chat['delivered_per_s'] or 0:,.0f} msgs/s"
                 f" (10-90 %: {chat['steady_per_s'] or 0:,.0f} msgs/s;"
                 f" sent at {chat['sent_per_s'] or 0:,.0f} msgs/s)",
@@ -1330,9 +1390,10 @@ def print_report(r: dict[str, Any]) -> None:
             ("latency", _ms(chat["latency_ms"])),
             (
                 "exactly once",
-                f"lost {chat['lost']}, duplicates {chat['duplicates']}, misrouted "
-                f"{chat['misrouted']}, bounced {chat['bounced']}, disconnects "
-                f"{chat['disconnects']}, reordered {chat['reordered']}",
+                f"{chat['delivered']:,} of {chat['expected']:,}: lost {chat['lost']}, "
+                f"duplicates {chat['duplicates']}, misrouted {chat['misrouted']}, bounced "
+                f"{chat['bounced']}, disconnects {chat['disconnects']}, "
+                f"reordered {chat['reordered']}",
             ),
             ("CPU (chat)", _cpu_row(phases["chat"])),
         ]
@@ -1391,12 +1452,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.0, help="fixed offered rate, msgs/s in total")
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this long idle")
     p.add_argument("--to-full", action="store_true", help="address the full JID, not the bare")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="measure from the first message (default: each sender's first message goes alone"
+        " and is reported apart, so cold caches do not distort the figures)",
+    )
     args = parser.parse_args(argv)
     if args.clients < 1 or args.procs < 1:
         parser.error("--clients and --procs must be positive")
     if args.scenario == "chat":
         if args.clients % 2:
             parser.error("chat needs an even number of clients")
+        if args.messages < 1:
+            parser.error("--messages must be positive")
         if args.window is None:
             args.window = 0 if args.rate else 1
     if args.host is not None and (args.db_url or args.server_set):
