@@ -51,7 +51,7 @@ from xmpp_server.modules.stanza_id import STANZA_ID, new_stanza_id, stamp, stanz
 from xmpp_server.router import IqKey, Session
 from xmpp_server.stanza import clone, iq_addresses, iq_result, make, new_id, payload, qn
 from xmpp_server.storage import ArchiveItem, ArchivePage, ArchivePrefs, UnknownArchiveId
-from xmpp_server.storage.archive import DEFAULT_MODES, DefaultMode, Direction
+from xmpp_server.storage.archive import DEFAULT_MODES, ArchiveEntry, DefaultMode, Direction
 from xmpp_server.xml import (
     NS_CLIENT,
     Element,
@@ -365,6 +365,8 @@ class Mam(Module):
         # Stored preferences per owner (None = none set): read on every message, changed rarely
         # and only through this module, so a bounded cache saves a query per message.
         self._prefs: OrderedDict[str, ArchivePrefs | None] = OrderedDict()
+        self._queue: list[tuple[str, ArchiveEntry]] = []  # written behind, in batches
+        self._writer: asyncio.Task[None] | None = None
 
     def setup(self) -> None:
         router = self.host.router
@@ -385,6 +387,7 @@ class Mam(Module):
             self._purger = asyncio.create_task(self._purge_forever(), name="mam-retention")
 
     async def stop(self) -> None:
+        await self.flushed()
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -467,16 +470,34 @@ class Mam(Module):
     async def _archive(
         self, owner: JID, peer: JID, direction: Direction, message: Element, sid: str
     ) -> None:
-        # A lost archive copy must not cost the message itself: log it and deliver.
+        """Queue the copy for the next batch: the archive is history, not the delivery path
+        (that is the offline queue and stream management), so it is written behind, many
+        messages per commit. Queries wait for the queue first, so they see every message."""
         try:
             if not await self.wanted(owner, peer):
                 return
-            xml, body = stored_copy(message, self.host.domain)
-            await self.host.storage.archive.append(
-                str(owner), sid, str(peer), direction, self._stamp(), xml, body
-            )
         except (SQLAlchemyError, OSError):
-            log.exception("could not archive a message for %s", owner)
+            log.exception("could not read the archiving preferences of %s", owner)
+            return
+        xml, body = stored_copy(message, self.host.domain)
+        entry = ArchiveEntry(sid, str(peer), direction, self._stamp(), xml, body)
+        self._queue.append((str(owner), entry))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(), name="mam-writer")
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self.host.storage.archive.append_batch(batch)
+            except (SQLAlchemyError, OSError):
+                # A lost archive copy must not cost the message itself, which was delivered.
+                log.exception("could not archive %d messages", len(batch))
+
+    async def flushed(self) -> None:
+        """Return once every message queued so far is in the database."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -497,6 +518,7 @@ class Mam(Module):
         request = parse_query(
             query, full_text=self.options.full_text, max_page=self.options.max_page
         )
+        await self.flushed()
         try:
             page = await self.host.storage.archive.query(
                 str(owner),
@@ -538,6 +560,7 @@ class Mam(Module):
     async def on_metadata(self, origin: Session | None, iq: Element) -> None:
         session, owner = self._own(origin, iq)
         metadata = Element(qn(NS_MAM, "metadata"))
+        await self.flushed()
         bounds = await self.host.storage.archive.metadata(str(owner))
         if bounds is not None:  # an empty archive has an empty <metadata/>
             for tag, item in zip(("start", "end"), bounds, strict=True):

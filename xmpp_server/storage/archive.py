@@ -138,6 +138,13 @@ class Archive(Store):
             )
             return result.scalar_one()
 
+    async def append_batch(self, entries: Sequence[tuple[str, ArchiveEntry]]) -> None:
+        """Archive messages of several owners in one transaction (the module's write-behind)."""
+        rows = [_row(split_user(owner), entry) for owner, entry in entries]
+        if rows:
+            async with self._sessions.begin() as session:
+                await session.execute(insert(ARCHIVE_TABLE), rows)
+
     async def append_many(self, owner: str, entries: Iterable[ArchiveEntry]) -> None:
         """Archive many messages in one transaction and one executemany (imports, tests)."""
         key = split_user(owner)
