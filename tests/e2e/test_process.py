@@ -93,6 +93,24 @@ def endpoint(config: Path) -> Endpoint:
     return Endpoint(ports[0], ports[1], config.parent / "data" / "tls" / "localhost.crt")
 
 
+async def provision(config: Path) -> Endpoint:
+    """What an operator does with natterctl: migrate, then add alice and bob."""
+    code, out = await ctl(config, "db", "upgrade")
+    assert code == 0, out
+    for user in ("alice", "bob"):
+        code, out = await ctl(
+            config,
+            "user",
+            "add",
+            f"{user}@localhost",
+            "--password-file",
+            "-",
+            stdin=b"correct horse\n",
+        )
+        assert code == 0, out
+    return endpoint(config)
+
+
 async def test_unmigrated_database_is_refused(config_file: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "natterd"),
@@ -107,20 +125,7 @@ async def test_unmigrated_database_is_refused(config_file: Path) -> None:
 
 
 async def test_provision_serve_restart_and_crash(config_file: Path) -> None:
-    code, out = await ctl(config_file, "db", "upgrade")
-    assert code == 0, out
-    for user in ("alice", "bob"):
-        code, out = await ctl(
-            config_file,
-            "user",
-            "add",
-            f"{user}@localhost",
-            "--password-file",
-            "-",
-            stdin=b"correct horse\n",
-        )
-        assert code == 0, out
-    server = endpoint(config_file)
+    server = await provision(config_file)
     async with natterd(config_file) as proc:
         async with clients(Client(server, "alice@localhost")) as (alice,):
             await alice.login()
@@ -146,20 +151,7 @@ async def test_provision_serve_restart_and_crash(config_file: Path) -> None:
 async def test_sigkill_keeps_every_acknowledged_message(config_file: Path) -> None:
     """Kill -9 while Alice streams to offline Bob: every message the server acknowledged
     (XEP-0198 <a/>) reaches Bob after the restart, once."""
-    code, out = await ctl(config_file, "db", "upgrade")
-    assert code == 0, out
-    for user in ("alice", "bob"):
-        code, out = await ctl(
-            config_file,
-            "user",
-            "add",
-            f"{user}@localhost",
-            "--password-file",
-            "-",
-            stdin=b"correct horse\n",
-        )
-        assert code == 0, out
-    server = endpoint(config_file)
+    server = await provision(config_file)
     async with natterd(config_file) as proc:
         alice = Client(server, "alice@localhost", stream_management=True)
         async with clients(alice):
