@@ -37,8 +37,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load connect -c 1000
-	$(BIN)/python -m bench.load chat -c 200 -m 200 --server-set modules.mam.mode=ephemeral
-	$(BIN)/python -m bench.load chat -c 200 -m 20
+	$(BIN)/python -m bench.load chat -c 200 -m 200
 
 clean:
 	rm -rf $(VENV) data .test-services

@@ -994,6 +994,7 @@ def process_cpu(pid: int | None) -> float | None:
 
 
 def split(items: Sequence[int], parts: int) -> list[list[int]]:
+    """Contiguous, nearly equal parts; empty ones dropped (fewer items than workers)."""
     size, extra = divmod(len(items), parts)
     out, at = [], 0
     for i in range(parts):
@@ -1119,6 +1120,8 @@ def phase(a: Snapshot, b: Snapshot, workers: list[dict[str, Any]]) -> dict[str, 
 
 
 def orchestrate(args: argparse.Namespace, target: Target, server_pid: int | None) -> dict[str, Any]:
+    """Run the scenario in worker processes held at barriers, so that every phase starts at
+    once everywhere and the server's counters can be read between phases; merge the results."""
     chat = args.scenario == "chat"
     numbers = list(range(1, args.clients + 1))
     if chat:  # pairs stay together: the in-process ack needs both ends in one worker
@@ -1249,6 +1252,7 @@ def warnings(result: dict[str, Any]) -> list[str]:
 
 
 def merge_chat(args: argparse.Namespace, chats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the workers' counters; rates and percentiles from their merged raw samples."""
     total = {
         key: sum(c[key] for c in chats)
         for key in (
