@@ -1178,6 +1178,10 @@ def orchestrate(args: argparse.Namespace, target: Target, server_pid: int | None
         for c in conns:
             c.send("close")
         collect(conns, "closed", 60)
+    except BaseException:
+        for proc in procs:  # interrupted or failed: no point waiting for the workers
+            proc.terminate()
+        raise
     finally:
         for proc in procs:
             proc.join(5)
@@ -1231,6 +1235,8 @@ def warnings(result: dict[str, Any]) -> list[str]:
     """Reasons to distrust the figures of the measured phase."""
     name = "chat" if "chat" in result else "login"
     figures = result["phases"][name]
+    if figures["seconds"] < 1.0:
+        return []  # too short for CPU shares to mean anything
     out = [
         f"worker {i} used {share:.0%} of a core during the {name} phase: the figures may "
         "measure the generator, not the server (try more --procs)"
