@@ -85,6 +85,25 @@ def test_full_login_to_bound_session(bytewise: bool) -> None:
     assert len(events) == 1 and isinstance(events[0], st.StanzaReceived)
 
 
+def test_ack_request_pipelined_after_enable_waits_for_enabled() -> None:
+    """slixmpp sends <enable/><r/> in one packet; the <r/> is answered after <enabled/>,
+    not refused as 'stream management is not enabled' (seen as a flaky CI login)."""
+    stream = new_stream()
+    authenticate(stream)
+    events = stream.receive_data(
+        HEADER + b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    stream.bind_done(events[0].iq, JID.parse("juliet@example.org/balcony"))
+    stream.data_to_send()
+    events = stream.receive_data(
+        b"<enable xmlns='urn:xmpp:sm:3' resume='true'/><r xmlns='urn:xmpp:sm:3'/>"
+    )
+    assert events == [st.SmEnableRequested(True)]
+    assert stream.sm_enabled("s1", True, 300) == [st.AckRequested()]
+    assert not stream.closed
+    assert stream.data_to_send().startswith(b"<enabled xmlns='urn:xmpp:sm:3' id='s1'")
+
+
 def test_input_is_held_while_credentials_load() -> None:
     stream = new_stream()
     stream.receive_data(HEADER)

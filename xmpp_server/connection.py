@@ -215,13 +215,13 @@ class Connection:
         self.host.background.add(task)
         task.add_done_callback(self.host.background.discard)
 
-    async def _enable_sm(self, event: st.SmEnableRequested) -> None:
+    def _enable_sm(self, event: st.SmEnableRequested) -> list[st.StreamEvent]:
         c2s = self.host.config.c2s
         resumable = event.resume and c2s.resume_timeout > 0
         self.sm = StreamManagement(secrets.token_urlsafe(18), resumable=resumable)
         if resumable:
             self.host.resumable[self.sm.id] = self
-        self.stream.sm_enabled(self.sm.id, resumable, int(c2s.resume_timeout))
+        return self.stream.sm_enabled(self.sm.id, resumable, int(c2s.resume_timeout))
 
     async def _resume(self, event: st.ResumeRequested) -> list[st.StreamEvent]:
         old = self.host.resumable.get(event.previd)
@@ -316,7 +316,7 @@ class Connection:
                 assert self.sm is not None
                 self.stream.send_ack(self.sm.handled)
             elif isinstance(event, st.SmEnableRequested):
-                await self._enable_sm(event)
+                queue.extend(self._enable_sm(event))
             elif isinstance(event, st.ResumeRequested):
                 queue.extend(await self._resume(event))
             elif isinstance(event, st.CredentialsNeeded):

@@ -135,7 +135,7 @@ class RegistrationRequested:
 
 @dataclass(frozen=True, slots=True)
 class SmEnableRequested:
-    """XEP-0198 §3: answer with ``sm_enabled`` or ``sm_failed``."""
+    """XEP-0198 §3: answer with ``sm_enabled``; later input is held until then."""
 
     resume: bool
 
@@ -200,6 +200,7 @@ class Wait(Enum):
     BIND = auto()
     REGISTRATION = auto()
     RESUME = auto()
+    SM_ENABLE = auto()
 
 
 class Stream:
@@ -318,10 +319,14 @@ class Stream:
         self._out.append(tobytes(iq_result(iq, bind)))
         return self._drain_held([])
 
-    def sm_enabled(self, sm_id: str, resume: bool, max_seconds: int) -> None:
+    def sm_enabled(self, sm_id: str, resume: bool, max_seconds: int) -> list[StreamEvent]:
+        """Answer ``SmEnableRequested``; what the client pipelined after ``<enable/>`` (an
+        ``<r/>`` in the same packet is common) is only handled now that SM is on."""
+        self._wait = Wait.NONE
         self.sm_active = True
         attrs = f" id='{escape_attr(sm_id)}' resume='true' max='{max_seconds}'" if resume else ""
         self._out.append(f"<enabled xmlns='{NS_SM}'{attrs}/>".encode())
+        return self._drain_held([])
 
     def sm_failed(self, condition: str = "unexpected-request") -> None:
         self._out.append(_sm_failed(condition))
@@ -492,6 +497,7 @@ class Stream:
             if self.sm_active:
                 self.sm_failed("unexpected-request")
             else:
+                self._wait = Wait.SM_ENABLE
                 events.append(SmEnableRequested(el.get("resume") in ("true", "1")))
         elif not self.sm_active:
             raise StreamError("unsupported-stanza-type", "stream management is not enabled")

@@ -75,15 +75,32 @@ async def natterd(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
         stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
+    output: list[bytes] = []
+    serving = asyncio.Event()
+
+    async def drain(stream: asyncio.StreamReader) -> None:
+        # Read the log to the end: a full pipe would block the server's event loop.
+        while line := await stream.readline():
+            output.append(line)
+            if b"natterd serving" in line:
+                serving.set()
+
+    reader = asyncio.ensure_future(drain(proc.stdout))
     try:
         async with asyncio.timeout(60):
-            while b"natterd serving" not in (line := await proc.stdout.readline()):
-                assert line, "natterd exited before serving"
+            while not serving.is_set():
+                assert not reader.done(), "natterd exited before serving"
+                await asyncio.wait([reader], timeout=0.05)
         yield proc
+    except BaseException:
+        # The server's log is the first thing to read when a test here fails.
+        sys.stderr.write("natterd output:\n" + b"".join(output).decode(errors="replace"))
+        raise
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await reader
 
 
 def endpoint(config: Path) -> Endpoint:
