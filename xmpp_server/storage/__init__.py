@@ -23,10 +23,11 @@ from .archive import (
 )
 from .blocklist import Blocklists
 from .db import hide_password, is_memory_sqlite, make_engine, sqlite_file
-from .errors import AccountExists, AccountNotFound, NotMigrated
+from .errors import AccountExists, AccountNotFound, NotMigrated, RoomNotFound
 from .last_activity import LastActivity
 from .migrations import head_revision, is_known_revision, revision_of, upgrade_engine
 from .offline import OfflineMessages
+from .rooms import Affiliation, Rooms, StoredRoom
 from .rosters import RosterItem, Rosters
 from .subscriptions import PendingSubscriptions
 from .vcards import VCards
@@ -36,6 +37,7 @@ __all__ = [
     "AccountInfo",
     "AccountNotFound",
     "Accounts",
+    "Affiliation",
     "Archive",
     "ArchiveEntry",
     "ArchiveItem",
@@ -46,9 +48,12 @@ __all__ = [
     "NotMigrated",
     "OfflineMessages",
     "PendingSubscriptions",
+    "RoomNotFound",
+    "Rooms",
     "RosterItem",
     "Rosters",
     "Storage",
+    "StoredRoom",
     "UnknownArchiveId",
     "VCards",
 ]
@@ -71,6 +76,7 @@ class Storage:
         self.blocklist = Blocklists(self.sessions, dialect)
         self.offline = OfflineMessages(self.sessions, dialect)
         self.archive = Archive(self.sessions, dialect)
+        self.rooms = Rooms(self.sessions, dialect)
 
     @classmethod
     async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:

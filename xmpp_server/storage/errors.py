@@ -26,3 +26,11 @@ class AccountExists(Exception):
 
 class AccountNotFound(Exception):
     pass
+
+
+class RoomNotFound(LookupError):
+    """A change to a MUC room that has no stored row (XEP-0045 item-not-found)."""
+
+    def __init__(self, room: str) -> None:
+        super().__init__(f"no room {room}")
+        self.room = room

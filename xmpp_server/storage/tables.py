@@ -231,3 +231,42 @@ class ArchivePreference(UserRow, Base):
     default_mode: Mapped[str] = mapped_column(Text)
     always: Mapped[list[str]] = mapped_column(JSON)
     never: Mapped[list[str]] = mapped_column(JSON)
+
+
+class MucRoom(Base):
+    """A persistent XEP-0045 room; ``domain`` (the MUC service) is a column so listing a
+    service's rooms is an index scan.
+
+    Rooms belong to a MUC service, not to a user: not a :class:`UserRow`, so deleting an
+    account leaves the rooms it owned, and its affiliations in them, to the other owners.
+    """
+
+    __tablename__ = "muc_rooms"
+    __table_args__ = (Index(None, "domain"),)
+
+    jid: Mapped[str] = mapped_column(Text, primary_key=True)
+    domain: Mapped[str] = mapped_column(Text)
+    # Opaque to storage: the MUC module owns the configuration form and its defaults.
+    config: Mapped[dict[str, object]] = mapped_column(JSON)
+    subject: Mapped[str | None] = mapped_column(Text)
+    subject_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class MucAffiliation(Base):
+    """Who is owner/admin/member/outcast of a room; "none" is the absence of a row."""
+
+    __tablename__ = "muc_affiliations"
+    __table_args__ = (
+        PrimaryKeyConstraint("room", "jid"),
+        Index(None, "jid"),  # rooms_of(): every room a user is affiliated with
+        CheckConstraint(
+            "affiliation IN ('owner', 'admin', 'member', 'outcast')", name="affiliation"
+        ),
+    )
+
+    room: Mapped[str] = mapped_column(Text, ForeignKey("muc_rooms.jid", ondelete="CASCADE"))
+    jid: Mapped[str] = mapped_column(Text)
+    affiliation: Mapped[str] = mapped_column(Text)
+    nick: Mapped[str | None] = mapped_column(Text)  # reserved nick (XEP-0045 §7.10)
+    reason: Mapped[str | None] = mapped_column(Text)
