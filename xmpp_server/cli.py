@@ -26,6 +26,7 @@ from xmpp_server.credentials import ScramCredentials
 from xmpp_server.jid import JID
 
 if TYPE_CHECKING:
+    from xmpp_server.modules.muc import MucOptions
     from xmpp_server.storage import Storage
 
 EXIT_OK = 0
@@ -200,6 +201,69 @@ def _ctl_parser() -> argparse.ArgumentParser:
         help="age in days (default: modules.mam.retention_days)",
     )
     cmd.add_argument("--user", metavar="JID", help="only this account's archive")
+
+    room = commands.add_parser(
+        "room", help="manage group chat rooms (applied live when natterd runs)"
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    room_help = (
+        "NAME or NAME@SERVICE (the MUC service: modules.muc.host, default conference.DOMAIN)"
+    )
+    cmd = command(room, "create", _room_create, "create a persistent room")
+    cmd.add_argument("room", metavar="ROOM", help=room_help)
+    cmd.add_argument(
+        "--owner",
+        metavar="JID",
+        action="append",
+        default=[],
+        dest="owners",
+        help="an owner's bare JID (repeatable; default: none, natterctl and modules.muc.admins"
+        " manage the room)",
+    )
+    cmd.add_argument("--name", help="the room's display name")
+    cmd.add_argument(
+        "--members-only",
+        action="store_const",
+        const=True,
+        help="admit members only (default: modules.muc.default_members_only)",
+    )
+    cmd.add_argument(
+        "--private",
+        "--hidden",
+        dest="public",
+        action="store_const",
+        const=False,
+        help="not listed in the service's disco#items (default: modules.muc.default_public)",
+    )
+    cmd.add_argument(
+        "--password-file", metavar="FILE", help="room password from a file's first line; - stdin"
+    )
+    cmd.add_argument(
+        "--max-occupants", metavar="N", type=int, help="up to modules.muc.max_occupants"
+    )
+    cmd.add_argument(
+        "--whois",
+        choices=("anyone", "moderators"),
+        help="who sees occupants' real JIDs (default: modules.muc.default_whois)",
+    )
+    command(room, "list", _room_list, "list rooms")
+    cmd = command(room, "show", _room_show, "show a room's configuration and state")
+    cmd.add_argument("room", metavar="ROOM", help=room_help)
+    cmd = command(room, "delete", _room_delete, "delete a room; its occupants are told")
+    cmd.add_argument("room", metavar="ROOM", help=room_help)
+    cmd.add_argument("--reason", metavar="TEXT", help="told to the occupants")
+    cmd = command(room, "members", _room_members, "list a room's affiliations")
+    cmd.add_argument("room", metavar="ROOM", help=room_help)
+    cmd.add_argument("--affiliation", choices=("owner", "admin", "member", "outcast"))
+    cmd = command(room, "affiliate", _room_affiliate, "set a JID's affiliation with a room")
+    cmd.add_argument("room", metavar="ROOM", help=room_help)
+    cmd.add_argument("jid", metavar="JID", help="a user's bare JID")
+    cmd.add_argument(
+        "affiliation",
+        metavar="AFFILIATION",
+        choices=("owner", "admin", "member", "outcast", "none"),
+        help="owner, admin, member, outcast (banned) or none (removes it)",
+    )
+    cmd.add_argument("--reason", metavar="TEXT", help="kept with the affiliation")
 
     command(commands, "check-config", _check_config, "validate the configuration")
 
@@ -567,4 +631,183 @@ def _announce(args: argparse.Namespace, config: Config) -> int:
     if args.target == "all":
         text += f", stored for {answer['stored']} offline account(s)"
     _out(text)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# natterctl room: through the control socket when natterd runs, so occupants see the change at
+# once; on the database otherwise. The same commands (muc/admin.py) answer either way.
+
+
+def _muc_options(config: Config) -> MucOptions:
+    from xmpp_server.config import parse_options
+    from xmpp_server.modules.muc import MucOptions
+
+    raw = dict(config.modules.get("muc", {}))
+    enabled = raw.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        error = ConfigError(f"expected true or false, got {enabled!r}", "modules.muc.enabled")
+        raise config.explain(error)
+    if not enabled:
+        _fail(EXIT_USAGE, "the muc module is off ([modules.muc] enabled = false)")
+    try:
+        return parse_options(MucOptions, raw, "modules.muc")
+    except ConfigError as exc:
+        raise config.explain(exc) from None
+
+
+def _room_command(
+    config: Config, message: dict[str, Any], password_file: str | None = None
+) -> dict[str, Any]:
+    """Check ``message`` (exit 2), then have natterd or the database answer it (exit 1)."""
+    from xmpp_server.modules.muc import admin
+    from xmpp_server.modules.muc.service import service_domain
+
+    options = _muc_options(config)
+    try:
+        admin.parse_request(
+            message, service_domain(options.host, config.domain), options.max_occupants
+        )
+    except admin.InvalidRequest as exc:
+        _fail(EXIT_USAGE, str(exc))
+    if password_file is not None:
+        message["password"] = _read_password(password_file)
+    return asyncio.run(_room_request(config, options, message))
+
+
+async def _room_request(
+    config: Config, options: MucOptions, message: dict[str, Any]
+) -> dict[str, Any]:
+    from xmpp_server import control
+    from xmpp_server.modules.muc import admin
+    from xmpp_server.storage import RoomNotFound
+
+    path = control.socket_path(config)
+    try:
+        answer = await control.request(path, message)
+    except control.NotRunning:
+        pass
+    except (OSError, ValueError) as exc:  # permission denied, timeout, garbled answer
+        _fail(EXIT_FAILED, f"control socket {path}: {exc}")
+    else:
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error") if isinstance(answer, dict) else None
+            _fail(EXIT_FAILED, str(error or f"unexpected answer from natterd: {answer!r}"))
+        return answer
+    async with _storage(config) as storage:
+        commands = admin.offline_commands(storage.rooms, options, config.domain)
+        try:
+            return await commands[message["command"]](message)
+        except admin.InvalidRequest as exc:
+            _fail(EXIT_USAGE, str(exc))
+        except control.ControlError as exc:
+            _fail(EXIT_FAILED, str(exc))
+        except RoomNotFound as exc:  # deleted meanwhile
+            _fail(EXIT_FAILED, str(exc))
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value == "" or value is None:
+        return "(none)"
+    return str(value)
+
+
+def _room_create(args: argparse.Namespace, config: Config) -> int:
+    message: dict[str, Any] = {"command": "room.create", "room": args.room, "owners": args.owners}
+    for key in ("name", "members_only", "public", "max_occupants", "whois"):
+        if (value := getattr(args, key)) is not None:
+            message[key] = value
+    answer = _room_command(config, message, args.password_file)
+    owners = ", ".join(answer["owners"]) or "none"
+    _out(f"created room {answer['room']} (owners: {owners})")
+    return EXIT_OK
+
+
+def _room_list(args: argparse.Namespace, config: Config) -> int:
+    answer = _room_command(config, {"command": "room.list"})
+    for room in answer["rooms"]:
+        flags = ["persistent" if room["persistent"] else "temporary"]
+        if room["locked"]:
+            flags.append("locked")
+        flags.append("public" if room["public"] else "hidden")
+        if room["members_only"]:
+            flags.append("members-only")
+        if room["password"]:
+            flags.append("password")
+        line = f"{room['room']}  {', '.join(flags)}"
+        if room["occupants"] is not None:
+            line += f"  {_count(room['occupants'], 'occupant')}"
+        if room["name"]:
+            line += f"  name: {room['name']}"
+        _out(line)
+    return EXIT_OK
+
+
+def _room_show(args: argparse.Namespace, config: Config) -> int:
+    answer = _room_command(config, {"command": "room.show", "room": args.room})
+    _out(f"room: {answer['room']}")
+    if answer["locked"]:
+        _out("locked: yes (waiting for its creator's configuration)")
+    for key, value in answer["config"].items():
+        if key == "password":  # natterd never tells it
+            value = "(set)" if value else ""
+        _out(f"{key}: {_show_value(value)}")
+    subject = _show_value(answer["subject"])
+    if answer["subject"] and answer["subject_by"]:
+        subject += f" (set by {answer['subject_by']})"
+    _out(f"subject: {subject}")
+    counts = [_count(n, kind) for kind, n in answer["affiliations"].items() if n]
+    _out(f"affiliations: {', '.join(counts) or '(none)'}")
+    if answer["occupants"] is not None:
+        _out(f"occupants: {len(answer['occupants'])}")
+        for occupant in answer["occupants"]:
+            role = f"{occupant['role']}, {occupant['affiliation']}"
+            _out(f"  {occupant['nick']}  {occupant['jid']}  {role}")
+    return EXIT_OK
+
+
+def _room_delete(args: argparse.Namespace, config: Config) -> int:
+    message = {"command": "room.delete", "room": args.room}
+    if args.reason:
+        message["reason"] = args.reason
+    answer = _room_command(config, message)
+    told = f" ({_count(answer['occupants'], 'occupant')} told)" if answer["occupants"] else ""
+    _out(f"deleted room {answer['room']}{told}")
+    return EXIT_OK
+
+
+def _room_members(args: argparse.Namespace, config: Config) -> int:
+    message = {"command": "room.members", "room": args.room}
+    if args.affiliation:
+        message["affiliation"] = args.affiliation
+    answer = _room_command(config, message)
+    for member in answer["members"]:
+        reason = f"  reason: {member['reason']}" if member["reason"] else ""
+        _out(f"{member['jid']}  {member['affiliation']}{reason}")
+    return EXIT_OK
+
+
+def _room_affiliate(args: argparse.Namespace, config: Config) -> int:
+    message = {
+        "command": "room.affiliate",
+        "room": args.room,
+        "jid": args.jid,
+        "affiliation": args.affiliation,
+    }
+    if args.reason:
+        message["reason"] = args.reason
+    answer = _room_command(config, message)
+    jid, room, was = answer["jid"], answer["room"], answer["previous"]
+    if answer["affiliation"] == "none":
+        _out(f"{jid} has no affiliation with {room} now (was {was})")
+    else:
+        _out(f"{jid} is now {answer['affiliation']} in {room} (was {was})")
+    if answer["removed"]:
+        _out(f"removed from the room: {', '.join(answer['removed'])}")
     return EXIT_OK

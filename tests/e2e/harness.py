@@ -137,13 +137,14 @@ class Mailbox:
 
 
 async def next_matching(
-    box: Mailbox, predicate: Callable[[Any], bool], timeout: float = TIMEOUT
+    box: Mailbox, predicate: Callable[[Any], bool], timeout: float = TIMEOUT, *, since: int = 0
 ) -> Any:
-    """The first not yet taken item of ``box`` that satisfies ``predicate``, waiting for it."""
+    """The first not yet taken item of ``box`` that satisfies ``predicate``, waiting for it;
+    only items from index ``since`` on (``len(box.items)`` before sending: only answers)."""
     async with asyncio.timeout(timeout):
         while True:
             for index, item in enumerate(box.items):
-                if index not in box._taken and predicate(item):
+                if index >= since and index not in box._taken and predicate(item):
                     box._taken.add(index)
                     return item
             box._changed.clear()

@@ -13,6 +13,7 @@ from xmpp_server.modules.carbons import Carbons
 from xmpp_server.modules.disco import Disco
 from xmpp_server.modules.last import LastActivity
 from xmpp_server.modules.mam import Mam
+from xmpp_server.modules.muc import Muc
 from xmpp_server.modules.offline import Offline
 from xmpp_server.modules.ping import Ping
 from xmpp_server.modules.presence import Presence
@@ -45,6 +46,7 @@ MODULES: dict[str, type[Module]] = {
         Carbons,
         Addressing,
         Announce,
+        Muc,
     )
 }
 

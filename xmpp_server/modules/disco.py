@@ -47,7 +47,13 @@ class Disco(Module):
         self._reply(origin, iq, query)
 
     async def host_items(self, origin: Session | None, iq: Element) -> None:
-        self._reply(origin, iq, self._query(iq, NS_ITEMS))
+        """Services on subdomains (the MUC service) that modules offer via ``disco_items()``."""
+        query = self._query(iq, NS_ITEMS)
+        for module in self.host.modules.values():
+            items = getattr(module, "disco_items", None)
+            for jid, name in items() if items is not None else ():
+                query.append(Element(qn(NS_ITEMS, "item"), {"jid": jid, "name": name}))
+        self._reply(origin, iq, query)
 
     async def _may_see(self, iq: Element) -> None:
         """Account disco is for the account itself and for contacts subscribed to it."""

@@ -479,11 +479,20 @@ class Mam(Module):
         except (SQLAlchemyError, OSError):
             log.exception("could not read the archiving preferences of %s", owner)
             return
+        self.enqueue(owner, peer, direction, message, sid)
+
+    def enqueue(
+        self, owner: JID, peer: JID, direction: Direction, message: Element, sid: str
+    ) -> datetime:
+        """Queue a copy for ``owner``'s archive whatever its preferences (a room decides by its
+        configuration); returns the timestamp it is archived under."""
         xml, body = stored_copy(message, self.host.domain)
-        entry = ArchiveEntry(sid, str(peer), direction, self._stamp(), xml, body)
+        when = self._stamp()
+        entry = ArchiveEntry(sid, str(peer), direction, when, xml, body)
         self._queue.append((str(owner), entry))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_queued(), name="mam-writer")
+        return when
 
     async def _write_queued(self) -> None:
         while self._queue:
@@ -509,10 +518,17 @@ class Mam(Module):
 
     async def on_form(self, origin: Session | None, iq: Element) -> None:
         session, _ = self._own(origin, iq)
+        self.answer_form(session, iq)
+
+    def answer_form(self, session: Session, iq: Element) -> None:
         session.deliver(iq_result(iq, query_form(self.options.full_text)))
 
     async def on_query(self, origin: Session | None, iq: Element) -> None:
         session, owner = self._own(origin, iq)
+        await self.answer_query(session, iq, owner)
+
+    async def answer_query(self, session: Session, iq: Element, owner: JID) -> None:
+        """Answer a query on ``owner``'s archive; the caller checked that it may be read."""
         query = payload(iq)
         assert query is not None  # the router dispatched on it
         request = parse_query(
@@ -559,6 +575,9 @@ class Mam(Module):
 
     async def on_metadata(self, origin: Session | None, iq: Element) -> None:
         session, owner = self._own(origin, iq)
+        await self.answer_metadata(session, iq, owner)
+
+    async def answer_metadata(self, session: Session, iq: Element, owner: JID) -> None:
         metadata = Element(qn(NS_MAM, "metadata"))
         await self.flushed()
         bounds = await self.host.storage.archive.metadata(str(owner))
