@@ -1032,3 +1032,27 @@ async def test_recreated_room_does_not_inherit_the_old_rooms_archive(
                 r["mam_result"]["forwarded"]["stanza"]["body"] for r in answer["mam"]["results"]
             ]
             assert bodies == []
+
+
+async def test_temporary_room_rejoined_at_once_starts_with_an_empty_archive(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """Leave a temporary room and re-create it in the next breath: the old room's archive is
+    purged in the background, and a query on the new room waits for that purge."""
+    async with running_server(migrated_db_url, tmp_path) as server:
+        a = await add_user(server, "alice")
+        async with clients(MucClient(server, a)) as (alice,):
+            await alice.login()
+            await create_room(alice, ROOM, "alice")
+            alice.send_message(mto=ROOM, mbody="old secret", mtype="groupchat")
+            await next_matching(alice.messages, live(ROOM, "old secret"))
+            alice.send_presence(pto=occupant(ROOM, "alice"), ptype="unavailable")
+            alice.muc.make_join_stanza(JID(ROOM), "alice").send()
+            await next_matching(
+                alice.room_presences, presence_from(ROOM, "alice", available=False, code=110)
+            )
+            await next_matching(alice.room_presences, presence_from(ROOM, "alice", code=201))
+            answer = await alice.plugin["xep_0313"].retrieve(
+                jid=JID(ROOM), rsm={"max": 10}, timeout=TIMEOUT
+            )
+            assert answer["mam"]["results"] == []

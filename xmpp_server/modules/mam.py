@@ -457,6 +457,10 @@ class Mam(Module):
             await self._archive(owner, sender, "in", message, sid)
         return False
 
+    def next_stamp(self) -> datetime:
+        """A time after every message archived so far (a cut-off for purging)."""
+        return self._stamp()
+
     def _stamp(self) -> datetime:
         """Now, but never earlier than the previous message archived: archives are ordered by
         time, and a clock stepped back must not slip new messages in before ones a client has

@@ -180,6 +180,7 @@ class Muc(Module):
         self.rooms: dict[JID, Room] = {}
         self._loading: dict[JID, asyncio.Future[Room | None]] = {}
         self._outboxes: dict[JID, _Outbox] = {}
+        self._purges: dict[JID, asyncio.Task[None]] = {}
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class Muc(Module):
             del self.rooms[room.jid]
         if not room.config.persistent or room.locked:
             log.info("room %s is gone: temporary and empty", room.jid)
-            self._background(self._forget_archive(room))
+            self._forget_archive(room)
 
     # -- output -----------------------------------------------------------------------
 
@@ -1058,18 +1059,37 @@ class Muc(Module):
             room.stored = False
         if self.rooms.get(room.jid) is room:
             del self.rooms[room.jid]
-        await self._forget_archive(room)
+        purge = self._forget_archive(room)
+        if purge is not None:
+            await asyncio.shield(purge)
         log.info("room %s destroyed", room.jid)
 
-    async def _forget_archive(self, room: Room) -> None:
+    def _forget_archive(self, room: Room) -> asyncio.Task[None] | None:
         """A room that is gone takes its archive along: a new room of the same name must not
-        show the old one's history to its (maybe different) members."""
+        show the old one's history to its (maybe different) members. The cut-off is taken
+        now, so a new room's messages, archived later, are never purged; archive queries on
+        the room wait for the purge."""
         mam = self.mam
         if mam is None:
-            return
+            return None
+        task = asyncio.create_task(self._purge_archive(room.jid, mam, mam.next_stamp()))
+        self._purges[room.jid] = task
+        self.host.background.add(task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.host.background.discard(task)
+            if self._purges.get(room.jid) is task:
+                del self._purges[room.jid]
+
+        task.add_done_callback(done)
+        return task
+
+    async def _purge_archive(self, jid: JID, mam: Mam, cutoff: datetime) -> None:
         await mam.flushed()
-        if self.rooms.get(room.jid) is None:  # not re-created meanwhile
-            await self.host.storage.archive.purge(str(room.jid), older_than=datetime.now(UTC))
+        try:
+            await self.host.storage.archive.purge(str(jid), older_than=cutoff)
+        except SQLAlchemyError:
+            log.exception("could not purge the archive of the gone room %s", jid)
 
     # -- archive (XEP-0313 on the room's JID) -----------------------------------------
 
@@ -1085,6 +1105,8 @@ class Muc(Module):
         if room.config.members_only and sender not in room.nicks:
             if AFFILIATION_RANK[affiliation] < AFFILIATION_RANK["member"]:
                 raise Forbidden("the archive of a members-only room is for members")
+        if (purge := self._purges.get(room.jid)) is not None:
+            await asyncio.shield(purge)  # an earlier room of this name is still being purged
         tag = query.tag.rpartition("}")[2]
         if tag == "query" and iq.get("type") == "set":
             await mam.answer_query(origin, iq, room.jid)
