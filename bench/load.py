@@ -1416,7 +1416,8 @@ def print_report(r: dict[str, Any]) -> None:
 # Command line
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def common_options() -> argparse.ArgumentParser:
+    """The target and run options every scenario takes (a parent parser; bench.muc too)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("target (default: start a natterd of our own)")
     g.add_argument("--host", help="an existing server's address; its users must exist")
@@ -1444,7 +1445,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--login-timeout", type=float, default=60.0)
     g.add_argument("--settle", type=float, default=1.0, help="seconds before reading the RSS")
     g.add_argument("--json", action="store_true", help="print one JSON document instead")
+    return common
 
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = common_options()
     parser = argparse.ArgumentParser(
         prog="python -m bench.load", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
