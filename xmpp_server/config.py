@@ -329,6 +329,32 @@ class LoggingConfig:
     format: Literal["text", "json"] = "text"
 
 
+@dataclass(frozen=True)
+class StunConfig:
+    """The STUN/TURN server (``stun/``), run inside natterd or alone with ``natterd stun``."""
+
+    enabled: bool = False
+    host: tuple[str, ...] = field(default=("0.0.0.0",), metadata={"scalar": True})
+    udp_port: int = field(default=3478, metadata={"min": 0, "max": 65535})
+    tcp_port: int = field(default=3478, metadata={"min": 0, "max": 65535})
+    tls_port: int = field(default=5349, metadata={"min": 0, "max": 65535})
+    alternate_host: str = ""
+    alternate_port: int = field(default=3479, metadata={"min": 0, "max": 65535})
+    public_host: str = ""
+    turn: bool = True
+    realm: str = ""
+    secret: str = ""
+    credential_ttl: int = field(default=86400, metadata={"min": 60})
+    relay_host: str = ""
+    relay_min_port: int = field(default=49152, metadata={"min": 1024, "max": 65535})
+    relay_max_port: int = field(default=65535, metadata={"min": 1024, "max": 65535})
+    max_allocations: int = field(default=1000, metadata={"min": 0})
+    max_allocations_per_user: int = field(default=10, metadata={"min": 0})
+    allowed_peers: tuple[str, ...] = ()
+    rate: float = field(default=100.0, metadata={"min": 0})
+    burst: int = field(default=200, metadata={"min": 1})
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -337,6 +363,7 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
+    "stun": StunConfig,
 }
 
 
@@ -355,6 +382,7 @@ class Config:
     limits: LimitsConfig
     auth: AuthConfig
     logging: LoggingConfig
+    stun: StunConfig
     modules: dict[str, dict[str, Any]]
     """Raw ``[modules.<name>]`` tables; the module registry validates them."""
     path: Path | None
@@ -462,6 +490,7 @@ def build_config(
         limits=sections["limits"],
         auth=sections["auth"],
         logging=sections["logging"],
+        stun=sections["stun"],
         modules=modules,
         path=path,
         data_dir=data_dir,
