@@ -78,6 +78,7 @@ class Connection:
         self._rescue: deque[Element] = deque()  # unconfirmed stanzas being rerouted
         self._ack_requested = False
         self._closing = False
+        self._flush_pending = False
         self._tokens = float(host.config.c2s.read_burst)
         self._last_refill = time.monotonic()
 
@@ -88,11 +89,16 @@ class Connection:
         stanza: Element,
         on_ack: Callable[[], None] | None = None,
         on_lost: Callable[[Element], None] | None = None,
+        data: bytes | None = None,
     ) -> None:
         """Send ``stanza``. ``on_ack`` runs once the client confirmed it (XEP-0198) or, without
         stream management, once it was written; ``on_lost`` runs instead when the session
         ends without confirmation (default: give a message to another resource or offline
-        storage)."""
+        storage). ``data`` is ``stanza`` already serialized (a fan-out serializes once).
+
+        Output is written once per event-loop pass: everything a connection gets in one
+        pass (a burst of messages, a room's broadcasts) goes out in one TLS record and one
+        send() instead of one each."""
         sm = self.sm
         if sm is not None:
             if not sm.track(Pending(stanza, on_ack, on_lost)):
@@ -100,20 +106,31 @@ class Connection:
                 return
             if self.detached or self._closing:
                 return
-            self.stream.send(stanza)
+            self._send(stanza, data)
             if not self._ack_requested:
                 # One <r/> after the current burst of output, not one per stanza.
                 self._ack_requested = True
                 asyncio.get_running_loop().call_soon(self._request_ack)
-            self._flush()
             return
         if self._closing:
             self._lost(Pending(stanza, on_ack, on_lost))
             return
-        self.stream.send(stanza)
-        self._flush()
+        self._send(stanza, data)
         if on_ack is not None:
             on_ack()
+
+    def _send(self, stanza: Element, data: bytes | None) -> None:
+        if data is None:
+            self.stream.send(stanza)
+        else:
+            self.stream.send_serialized(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_pending = False
+        self._flush()
 
     def _request_ack(self) -> None:
         if self.sm is not None and self.sm.queue and not self.detached and not self._closing:

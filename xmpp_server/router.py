@@ -45,6 +45,7 @@ class Session(Protocol):
         stanza: Element,
         on_ack: Callable[[], None] | None = None,
         on_lost: Callable[[Element], None] | None = None,
+        data: bytes | None = None,
     ) -> None: ...
 
     def terminate(self, error: StreamError) -> None: ...

@@ -273,6 +273,11 @@ class Stream:
         if self.phase is not Phase.CLOSED:
             self._out.append(tobytes(stanza))
 
+    def send_serialized(self, data: bytes) -> None:
+        """Queue a stanza the shell serialized itself (once for many recipients)."""
+        if self.phase is not Phase.CLOSED:
+            self._out.append(data)
+
     def close(self, error: StreamError | None = None) -> list[StreamEvent]:
         """Close from our side, e.g. for ``conflict``, ``connection-timeout`` or shutdown."""
         events: list[StreamEvent] = []

@@ -90,6 +90,8 @@ class Occupant:
     affiliation: Affiliation
     # Every session of the user in the room under this nick, with its last presence.
     sessions: dict[JID, Element] = field(default_factory=dict)
+    # Presence as others see it (with real JID or without), serialized; cleared on change.
+    rendered: dict[bool, tuple[Element, bytes]] = field(default_factory=dict, compare=False)
 
     @property
     def presence(self) -> Element | None:

@@ -75,7 +75,7 @@ from xmpp_server.router import Session
 from xmpp_server.stanza import clone, iq_result, make, payload, qn
 from xmpp_server.storage import Affiliation as StoredAffiliation
 from xmpp_server.storage import Rooms
-from xmpp_server.xml import NS_CLIENT, Element
+from xmpp_server.xml import NS_CLIENT, Element, escape_attr, tobytes
 
 if TYPE_CHECKING:
     from xmpp_server.modules.mam import Mam
@@ -165,7 +165,7 @@ async def load_room(storage: Rooms, jid: JID, history_size: int = 0) -> Room | N
 class _Outbox:
     """A room's stanzas to deliver, in order: (stanza, recipient sessions or None to route)."""
 
-    items: deque[tuple[Element, list[JID] | None]] = field(default_factory=deque)
+    items: deque[tuple[Element, list[JID] | None, bytes | None]] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
 
 
@@ -286,13 +286,20 @@ class Muc(Module):
 
     # -- output -----------------------------------------------------------------------
 
-    def _send(self, room: Room, stanza: Element, to: Iterable[JID] | None = None) -> None:
+    def _send(
+        self,
+        room: Room,
+        stanza: Element,
+        to: Iterable[JID] | None = None,
+        data: bytes | None = None,
+    ) -> None:
         """Queue ``stanza`` for occupant sessions ``to`` (each gets its own ``to``), or, with
-        ``to`` None, for the router (``to`` already set: invitations, private messages)."""
+        ``to`` None, for the router (``to`` already set: invitations, private messages).
+        ``data``: the stanza serialized without ``to``, when that is known already."""
         outbox = self._outboxes.get(room.jid)
         if outbox is None:
             outbox = self._outboxes[room.jid] = _Outbox()
-        outbox.items.append((stanza, list(to) if to is not None else None))
+        outbox.items.append((stanza, list(to) if to is not None else None, data))
         if outbox.task is None:
             outbox.task = asyncio.create_task(self._drain(room.jid, outbox), name="muc-fanout")
 
@@ -302,20 +309,27 @@ class Muc(Module):
         gone: list[JID] = []
         try:
             while outbox.items:
-                stanza, targets = outbox.items.popleft()
+                stanza, targets, data = outbox.items.popleft()
                 if targets is None:
                     await router.deliver(stanza)
                     sent += 1
                     continue
+                # Serialized once; each recipient's copy differs only in 'to', spliced in.
+                if data is None:
+                    stanza.attrib.pop("to", None)
+                    data = tobytes(stanza)
+                head = 1 + len(stanza.tag.rpartition("}")[2])  # after "<message"
                 for target in targets:
                     session = router.session(target) if target.domain == self.host.domain else None
                     if session is None:
                         gone.append(target)
                         continue
+                    to = str(target)
                     out = copy.copy(stanza)
                     out.attrib = dict(stanza.attrib)
-                    out.set("to", str(target))
-                    session.deliver(out)
+                    out.set("to", to)
+                    spliced = b'%s to="%s"%s' % (data[:head], escape_attr(to).encode(), data[head:])
+                    session.deliver(out, data=spliced)
                     sent += 1
                     if sent >= BATCH:
                         sent = 0
@@ -349,6 +363,7 @@ class Muc(Module):
         **item: Any,
     ) -> None:
         """The occupant's presence to everyone in the room; its own sessions get ``SELF``."""
+        occupant.rendered.clear()  # whatever changed, what joiners are sent changes too
         base = occupant_presence(room, occupant, unavailable=unavailable)
         plain: list[JID] = []
         with_jid: list[JID] = []
@@ -380,11 +395,19 @@ class Muc(Module):
             stanza.append(x)
             self._send(room, stanza, targets)
 
-    def _presence_for(self, room: Room, occupant: Occupant, viewer: Occupant | None) -> Element:
-        stanza = occupant_presence(room, occupant)
-        real = next(iter(occupant.sessions), None)
-        stanza.append(user_x(occupant, jid=real if room.shows_jid_to(viewer) else None))
-        return stanza
+    def _presence_for(
+        self, room: Room, occupant: Occupant, viewer: Occupant | None
+    ) -> tuple[Element, bytes]:
+        """The occupant's current presence as ``viewer`` sees it, built once per change: a
+        room of N fills with N² of these."""
+        show = room.shows_jid_to(viewer)
+        cached = occupant.rendered.get(show)
+        if cached is None:
+            stanza = occupant_presence(room, occupant)
+            real = next(iter(occupant.sessions), None)
+            stanza.append(user_x(occupant, jid=real if show else None))
+            cached = occupant.rendered[show] = (stanza, tobytes(stanza))
+        return cached
 
     # -- entry point ------------------------------------------------------------------
 
@@ -462,7 +485,8 @@ class Muc(Module):
         viewer = occupant
         for other in list(room.occupants.values()):
             if other is not occupant:
-                self._send(room, self._presence_for(room, other, viewer), [sender])
+                presence, data = self._presence_for(room, other, viewer)
+                self._send(room, presence, [sender], data)
         codes: list[str] = []
         if room.config.whois == "anyone":
             codes.append(NON_ANONYMOUS)
@@ -472,11 +496,9 @@ class Muc(Module):
             codes.append(CREATED)
         if len(occupant.sessions) > 1:
             # Another session of an occupant: only it needs the room's state.
-            own = self._presence_for(room, occupant, occupant)
-            x_own = own.find(qn(NS_USER, "x"))
-            assert x_own is not None
-            for code in (*codes, SELF):
-                ET.SubElement(x_own, qn(NS_USER, "status"), {"code": code})
+            own = occupant_presence(room, occupant)
+            real = next(iter(occupant.sessions), None)
+            own.append(user_x(occupant, jid=real, codes=(*codes, SELF)))
             self._send(room, own, [sender])
         else:
             self._broadcast_presence(room, occupant, self_codes=tuple(codes))

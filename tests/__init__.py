@@ -1,0 +1,1 @@
+"""Natter test suite (a package, so `tests.*` never resolves to a stray site-packages `tests`)."""
