@@ -3,6 +3,7 @@ with MAM (xep_0313), data forms (xep_0004) and MUC self-ping (xep_0410), on both
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1056,3 +1057,31 @@ async def test_temporary_room_rejoined_at_once_starts_with_an_empty_archive(
                 jid=JID(ROOM), rsm={"max": 10}, timeout=TIMEOUT
             )
             assert answer["mam"]["results"] == []
+
+
+async def test_direct_invitation_to_members_only_room_makes_a_member(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """XEP-0249: an owner's direct invitation (user to user, not through the room) admits the
+    invitee to a members-only room; a plain member's does not (no muc#roomconfig_allowinvites)."""
+    async with running_server(migrated_db_url, tmp_path) as server:
+        a, c, d = [await add_user(server, name) for name in ("alice", "carol", "dave")]
+        async with clients(*(MucClient(server, j) for j in (a, c, d))) as (alice, carol, dave):
+            await logged_in(alice, carol, dave)
+            await create_room(alice, ROOM, "alice", {MEMBERS_ONLY: "1"})
+
+            def direct_invite(sender: MucClient, to: str) -> None:
+                message = sender.make_message(mto=to, mbody=f"join {ROOM}", mtype="normal")
+                x = ET.SubElement(message.xml, "{jabber:x:conference}x")
+                x.set("jid", ROOM)
+                message.send()
+
+            direct_invite(alice, c)
+            got = await next_matching(carol.messages, lambda m: m["body"] == f"join {ROOM}")
+            assert got.xml.find("{jabber:x:conference}x").get("jid") == ROOM
+            own, *_ = await join(carol, ROOM, "carol")
+            assert own["muc"]["affiliation"] == "member"
+
+            direct_invite(carol, d)  # carol is only a member
+            await next_matching(dave.messages, lambda m: m["body"] == f"join {ROOM}")
+            assert await refused(dave, ROOM, "dave") == "registration-required"
