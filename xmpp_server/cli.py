@@ -103,15 +103,21 @@ def configure_logging(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``natterd [--config FILE] [run]``: serve until interrupted."""
+    """``natterd [--config FILE] [run | stun]``: serve until interrupted."""
     parser = argparse.ArgumentParser(prog="natterd", description="Natter XMPP server")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _config_option(commands.add_parser("run", help="serve clients (the default)"), top=False)
+    _config_option(
+        commands.add_parser("stun", help="run only the STUN/TURN server ([stun] section)"),
+        top=False,
+    )
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
+    if args.command == "stun":
+        return _run_stun(args.config)
     return _run(args.config)
 
 
@@ -138,6 +144,29 @@ def _run(config_path: str | None) -> int:
         return EXIT_NOT_MIGRATED
     except OSError as exc:  # typically: address already in use
         _err("natterd", f"cannot serve: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_stun(config_path: str | None) -> int:
+    """``natterd stun``: the STUN/TURN server alone, whatever ``[stun] enabled`` says."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _err("natterd", str(exc))
+        return EXIT_USAGE
+    configure_logging(config)
+    from stun import service
+
+    try:
+        asyncio.run(service.serve(config))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ConfigError as exc:
+        _err("natterd", str(config.explain(exc)))
+        return EXIT_USAGE
+    except OSError as exc:  # typically: address already in use
+        _err("natterd", f"cannot serve STUN: {exc}")
         return EXIT_FAILED
     return EXIT_OK
 

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xmpp_server import control, sasl, tls
 from xmpp_server.config import Config
@@ -25,6 +25,9 @@ from xmpp_server.storage import Storage
 from xmpp_server.stream import StreamSettings
 from xmpp_server.throttle import FailureThrottle
 from xmpp_server.xml import XmlLimits
+
+if TYPE_CHECKING:
+    from stun.service import StunService
 
 log = logging.getLogger("natterd")
 
@@ -96,6 +99,7 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._per_ip: dict[str, int] = {}
         self.control: control.ControlServer | None = None
+        self.stun: StunService | None = None
 
     @classmethod
     async def start(cls, config: Config) -> Server:
@@ -155,11 +159,28 @@ class Server:
             for module in host.modules.values():
                 await module.start()
             server = cls(host)
-            await server._listen()
+            await server._start_stun()
+            try:
+                await server._listen()
+            except BaseException:
+                await server._stop_stun()
+                raise
         except BaseException:
             await storage.close()
             raise
         return server
+
+    # STUN/TURN (issue 6): its own sockets and state, started first and stopped last.
+    async def _start_stun(self) -> None:
+        if self.host.config.stun.enabled:
+            from stun.service import StunService
+
+            self.stun = await StunService.start(self.host.config)
+
+    async def _stop_stun(self) -> None:
+        if self.stun is not None:
+            await self.stun.stop()
+            self.stun = None
 
     async def _listen(self) -> None:
         self.control = await control.open_control(self.host)
@@ -249,6 +270,7 @@ class Server:
             await asyncio.gather(*list(self.host.background), return_exceptions=True)
         for module in self.host.modules.values():
             await module.stop()
+        await self._stop_stun()
         await self.host.storage.close()
 
 
