@@ -25,6 +25,11 @@ IDLE_TIMEOUT = 300.0  # a TCP/TLS client without an allocation is closed after t
 MAX_BUFFER = 1 << 20  # bytes queued towards one TCP/TLS client before dropping
 RELAY_BATCH = 64  # datagrams read from one relay socket before yielding to the loop
 RELAY_RCVBUF = 1 << 18
+# Listening sockets carry every client's requests and media towards relays: read them in
+# batches like relay sockets, with a deeper kernel buffer. One datagram per loop turn (asyncio's
+# datagram transport) overflowed the default buffer at 20,000 packets/s (bench/stun.py).
+LISTEN_BATCH = 64
+LISTEN_RCVBUF = 1 << 20
 
 # Linux values; the socket module does not export them.
 _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
@@ -51,28 +56,20 @@ def udp_socket(address: Address) -> socket.socket:
     return sock
 
 
-class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, network: SocketNetwork) -> None:
-        self.network = network
-        self.endpoint_server: Address = ("", 0)
-        self.paused = False  # asyncio's flow control: the send buffer is over its limit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.endpoint_server = _address(transport.get_extra_info("sockname"))
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        endpoint = Endpoint("udp", _address(addr), self.endpoint_server)
-        self.network.core.receive(data, endpoint, self.network.clock())
-
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for an earlier answer: nothing to do, and no reason to stop.
-        log.debug("udp %s: %s", self.endpoint_server, exc)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+def _deepen_receive_buffer(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUF is capped by net.core.rmem_max (208 KiB by default); with CAP_NET_ADMIN,
+    SO_RCVBUFFORCE is not. Raise rmem_max on busy relays that run without it."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            return
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError as exc:
+        log.debug("SO_RCVBUF %d: %s", size, exc)
 
 
 class SocketNetwork:
@@ -84,7 +81,7 @@ class SocketNetwork:
         self.clock = clock
         self.core = core_factory(self)
         self._loop = asyncio.get_running_loop()
-        self._udp: dict[Address, tuple[asyncio.DatagramTransport, _UdpListener]] = {}
+        self._udp: dict[Address, socket.socket] = {}
         self._streams: dict[Endpoint, asyncio.StreamWriter] = {}
         self._servers: list[asyncio.Server] = []
         self._relays: dict[Address, socket.socket] = {}
@@ -95,12 +92,23 @@ class SocketNetwork:
 
     async def listen_udp(self, address: Address) -> Address:
         sock = udp_socket(address)
-        transport, listener = await self._loop.create_datagram_endpoint(
-            lambda: _UdpListener(self), sock=sock
-        )
-        bound = _address(transport.get_extra_info("sockname"))
-        self._udp[bound] = transport, listener
+        _deepen_receive_buffer(sock, LISTEN_RCVBUF)
+        bound = _address(sock.getsockname())
+        self._udp[bound] = sock
+        self._loop.add_reader(sock.fileno(), self._listener_readable, bound, sock)
         return bound
+
+    def _listener_readable(self, bound: Address, sock: socket.socket) -> None:
+        for _ in range(LISTEN_BATCH):
+            try:
+                data, addr = sock.recvfrom(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # An ICMP error for an earlier answer: nothing to do, and no reason to stop.
+                log.debug("udp %s: %s", bound, exc)
+                return
+            self.core.receive(data, Endpoint("udp", _address(addr), bound), self.clock())
 
     async def listen_stream(
         self, hosts: list[str], port: int, context: ssl.SSLContext | None
@@ -163,9 +171,12 @@ class SocketNetwork:
         # Whatever cannot be sent soon is dropped, as it could be on the wire: a client that
         # does not read (or a flood of answers) must not grow our buffers without bound.
         if endpoint.transport == "udp":
-            udp = self._udp.get(source or endpoint.server) or self._udp.get(endpoint.server)
-            if udp is not None and not udp[1].paused:
-                udp[0].sendto(data, endpoint.client)
+            sock = self._udp.get(source or endpoint.server) or self._udp.get(endpoint.server)
+            if sock is not None:
+                try:
+                    sock.sendto(data, endpoint.client)
+                except OSError as exc:  # a full send buffer or an unreachable client: lost
+                    log.debug("udp %s -> %s: %s", endpoint.server, endpoint.client, exc)
             return
         writer = self._streams.get(endpoint)
         if writer is None or writer.transport.is_closing():
@@ -179,7 +190,7 @@ class SocketNetwork:
         except OSError:
             return False
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_RCVBUF)
+            _deepen_receive_buffer(sock, RELAY_RCVBUF)
             if dont_fragment and sys.platform == "linux":
                 if sock.family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DO)
@@ -235,8 +246,10 @@ class SocketNetwork:
             await asyncio.wait(list(self._tasks), timeout=5)
         for server in self._servers:
             await server.wait_closed()
-        for transport, _ in self._udp.values():
-            transport.close()
+        for sock in self._udp.values():
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._udp.clear()
         if self.core.turn is not None:
             self.core.turn.close()
         for address in list(self._relays):

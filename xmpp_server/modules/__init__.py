@@ -11,6 +11,7 @@ from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
 from xmpp_server.modules.carbons import Carbons
 from xmpp_server.modules.disco import Disco
+from xmpp_server.modules.extdisco import ExtDisco
 from xmpp_server.modules.last import LastActivity
 from xmpp_server.modules.mam import Mam
 from xmpp_server.modules.muc import Muc
@@ -47,6 +48,7 @@ MODULES: dict[str, type[Module]] = {
         Addressing,
         Announce,
         Muc,
+        ExtDisco,
     )
 }
 
