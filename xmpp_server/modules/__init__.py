@@ -12,6 +12,7 @@ from xmpp_server.modules.blocking import Blocking
 from xmpp_server.modules.carbons import Carbons
 from xmpp_server.modules.disco import Disco
 from xmpp_server.modules.extdisco import ExtDisco
+from xmpp_server.modules.jingle import Jingle
 from xmpp_server.modules.last import LastActivity
 from xmpp_server.modules.mam import Mam
 from xmpp_server.modules.muc import Muc
@@ -35,6 +36,7 @@ MODULES: dict[str, type[Module]] = {
         Roster,
         Presence,
         StanzaId,
+        Jingle,  # before Offline: a call ringing reaches new resources before the flush
         Offline,
         Mam,
         Disco,

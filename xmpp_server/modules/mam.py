@@ -2,11 +2,12 @@
 paging, XEP-0431 full-text search and XEP-0441 archiving preferences.
 
 What is archived: messages of type chat or normal between accounts that carry a body, a
-receipt (XEP-0184), a chat marker (XEP-0333), a correction (XEP-0308) or an OMEMO payload;
-never chat states alone, errors, headlines or groupchat; a XEP-0334 ``<no-store/>`` or
-``<no-permanent-store/>`` hint keeps a message out, ``<store/>`` brings one in. Each side keeps
-its own copy: the sender's under a new stanza-id, the recipient's under the ``<stanza-id/>``
-the recipient received (XEP-0359), so a client can page from what it has seen.
+receipt (XEP-0184), a chat marker (XEP-0333), a correction (XEP-0308), an OMEMO payload or
+call signalling (XEP-0353); never chat states alone, errors, headlines or groupchat; a
+XEP-0334 ``<no-store/>`` or ``<no-permanent-store/>`` hint keeps a message out, ``<store/>``
+brings one in. Each side keeps its own copy: the sender's under a new stanza-id, the
+recipient's under the ``<stanza-id/>`` the recipient received (XEP-0359), so a client can page
+from what it has seen.
 
 Storage modes (``mode``, see docs/storage-modes.md):
 
@@ -47,6 +48,7 @@ from xmpp_server.errors import (
 )
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
+from xmpp_server.modules.jingle import JMI_TAGS
 from xmpp_server.modules.stanza_id import STANZA_ID, new_stanza_id, stamp, stanza_id
 from xmpp_server.router import IqKey, Session
 from xmpp_server.stanza import clone, iq_addresses, iq_result, make, new_id, payload, qn
@@ -98,6 +100,7 @@ _CONTENT = frozenset(
         qn("urn:xmpp:message-correct:0", "replace"),
         qn("eu.siacs.conversations.axolotl", "encrypted"),
         qn("urn:xmpp:omemo:2", "encrypted"),
+        *JMI_TAGS,  # XEP-0353 call signalling: devices that were away learn of calls
     }
 )
 _NO_STORE = (qn(NS_HINTS, "no-store"), qn(NS_HINTS, "no-permanent-store"))
