@@ -295,6 +295,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--reason", metavar="TEXT", help="kept with the affiliation")
 
     command(commands, "check-config", _check_config, "validate the configuration")
+    command(commands, "stats", _stats, "a running natterd's counters, as JSON")
 
     cmd = command(
         commands, "announce", _announce, "send a message to the users of a running natterd"
@@ -634,6 +635,22 @@ def _check_config(args: argparse.Namespace, config: Config) -> int:
     _out(f"  auth:      {', '.join(config.auth.mechanisms)}")
     _out(f"  modules:   {', '.join(sorted(config.modules)) or '(none configured)'}")
     _out(f"  logging:   {config.logging.level}, {config.logging.format}")
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server import control
+
+    path = control.socket_path(config)
+    try:
+        answer = asyncio.run(control.request(path, {"command": "stats"}, timeout=30))
+    except control.NotRunning as exc:
+        _fail(EXIT_FAILED, str(exc))
+    except (OSError, ValueError) as exc:
+        _fail(EXIT_FAILED, f"control socket {path}: {exc}")
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        _fail(EXIT_FAILED, f"natterd refused: {answer!r}")
+    _out(json.dumps(answer["stats"], indent=2, sort_keys=True))
     return EXIT_OK
 
 

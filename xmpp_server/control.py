@@ -205,9 +205,16 @@ class ControlServer:
         return {"ok": True, **result}
 
 
-async def open_control(host: Host) -> ControlServer:
-    """Listen for natterctl with the commands of the enabled modules."""
-    return await ControlServer.start(socket_path(host.config), gather(host.modules.values()))
+async def open_control(
+    host: Host, extra: Mapping[str, CommandHandler] | None = None
+) -> ControlServer:
+    """Listen for natterctl with the commands of the enabled modules (and ``extra``)."""
+    commands = gather(host.modules.values())
+    for name, handler in (extra or {}).items():
+        if name in commands:
+            raise ValueError(f"two handlers for the control command {name!r}")
+        commands[name] = handler
+    return await ControlServer.start(socket_path(host.config), commands)
 
 
 async def request(path: Path, message: Mapping[str, Any], timeout: float = 300.0) -> Any:

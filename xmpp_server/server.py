@@ -177,13 +177,33 @@ class Server:
 
             self.stun = await StunService.start(self.host.config)
 
+    async def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Counters for ``natterctl stats`` (JSON): what a metrics exporter will publish."""
+        router = self.host.router
+        stats: dict[str, Any] = {
+            "connections": len(self._connections),
+            "accounts_online": len(router.sessions),
+            "sessions": sum(len(resources) for resources in router.sessions.values()),
+            "resumable_sessions": len(self.host.resumable),
+        }
+        muc = self.host.modules.get("muc")
+        if muc is not None:
+            rooms = getattr(muc, "rooms", {})
+            stats["muc"] = {
+                "rooms_loaded": len(rooms),
+                "occupants": sum(len(room.occupants) for room in rooms.values()),
+            }
+        if self.stun is not None:
+            stats["stun"] = self.stun.stats.snapshot()
+        return {"stats": stats}
+
     async def _stop_stun(self) -> None:
         if self.stun is not None:
             await self.stun.stop()
             self.stun = None
 
     async def _listen(self) -> None:
-        self.control = await control.open_control(self.host)
+        self.control = await control.open_control(self.host, {"stats": self._stats})
         c2s = self.host.config.c2s
         hosts: Any = c2s.host
         self._servers.append(

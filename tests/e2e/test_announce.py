@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
 import socket
 import stat
 from pathlib import Path
@@ -138,7 +140,7 @@ async def test_configured_socket_path_and_bad_requests(
         assert await control.request(path, {"command": "reboot"}) == {
             "ok": False,
             "error": "unknown command 'reboot' (known: announce, room.affiliate, room.create,"
-            " room.delete, room.list, room.members, room.show)",
+            " room.delete, room.list, room.members, room.show, stats)",
         }
         answer = await control.request(path, {"command": "announce", "target": "some"})
         assert answer["ok"] is False and "target must be one of online, all" in answer["error"]
@@ -154,3 +156,38 @@ async def test_configured_socket_path_and_bad_requests(
             "natterctl: natterd refused the announcement: "
             "cannot store for offline accounts: the offline module is off\n"
         )
+
+
+async def test_stats_count_sessions_rooms_and_stun_requests(
+    migrated_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``natterctl stats``: the counters a metrics exporter will publish, STUN's included."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        udp_port = probe.getsockname()[1]
+    ports = {"udp_port": udp_port, "tcp_port": 0, "tls_port": 0}  # 0: off
+    overrides = {"stun": {"enabled": True, "host": ["127.0.0.1"], **ports}}
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        a = await add_user(server, "alice")
+        assert server.stun is not None
+        host, port = server.stun.addresses("udp")[0]
+        binding = bytes.fromhex("0001 0000 2112a442") + os.urandom(12)  # a bare Binding
+
+        def ask() -> bytes:  # blocking, so in a thread: the server runs on this loop
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(10)
+                sock.sendto(binding, (host, port))
+                return sock.recv(1500)
+
+        assert (await asyncio.to_thread(ask))[:2] == bytes.fromhex("0101")  # Binding success
+        async with clients(Client(server, f"{a}/phone")) as (alice,):
+            await alice.login()
+            alice.send_presence(pto="team@conference.localhost/alice")
+            room = "team@conference.localhost"
+            await next_matching(alice.presences, lambda p: p["from"].bare == room)
+            assert await natterctl(ctl_config(tmp_path), "stats") == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["sessions"] == 1 and stats["accounts_online"] == 1
+    assert stats["muc"] == {"rooms_loaded": 1, "occupants": 1}
+    assert stats["stun"]["requests"] == {"BINDING": 1}
+
