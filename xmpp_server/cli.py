@@ -26,6 +26,7 @@ from xmpp_server.credentials import ScramCredentials
 from xmpp_server.jid import JID
 
 if TYPE_CHECKING:
+    from voip.console import CallReport, PhoneOptions
     from xmpp_server.modules.muc import MucOptions
     from xmpp_server.storage import Storage
 
@@ -318,7 +319,98 @@ def _ctl_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(target="online")
     cmd.add_argument("--subject", help="the message's subject")
     cmd.add_argument("body", metavar="BODY", help="the message text; - reads it from stdin")
+
+    cmd = command(commands, "call", _call, "call a JID (XEP-0353 + Jingle RTP) and report")
+    cmd.add_argument("peer", metavar="JID", help="whom to call (bare: rings all devices)")
+    _phone_options(cmd, duration=10.0)
+    cmd = command(commands, "answer", _answer, "wait for one call, answer it and report")
+    _phone_options(cmd, duration=None)
     return parser
+
+
+def _phone_options(cmd: argparse.ArgumentParser, *, duration: float | None) -> None:
+    cmd.add_argument("--as", dest="account", metavar="JID", required=True, help="log in as")
+    cmd.add_argument(
+        "--password-file", metavar="FILE", help="read the password's first line; - stdin"
+    )
+    source = cmd.add_mutually_exclusive_group()
+    source.add_argument("--tone", metavar="HZ", type=float, help="send a sine tone (default 440)")
+    source.add_argument("--play", metavar="FILE", help="send this audio file")
+    cmd.add_argument("--record", metavar="FILE", help="write what is heard to a WAV file")
+    cmd.add_argument(
+        "--duration",
+        metavar="S",
+        type=float,
+        default=duration,
+        help="hang up after S connected seconds"
+        + (f" (default {duration:g})" if duration else " (default: when the peer does)"),
+    )
+    cmd.add_argument(
+        "--timeout", metavar="S", type=float, default=30.0, help="signalling timeout (default 30)"
+    )
+
+
+def _phone(args: argparse.Namespace, config: Config) -> PhoneOptions:
+    from pathlib import Path
+
+    from voip.console import PhoneOptions
+
+    host = next((h for h in config.c2s.host if h not in ("0.0.0.0", "::")), "127.0.0.1")
+    return PhoneOptions(
+        account=_account(args.account, config),
+        password=_login_password(args.password_file),
+        host=host,
+        port=config.c2s.port,
+        cafile=config.cert_path if config.cert_path.exists() else None,
+        tone=args.tone,
+        play=Path(args.play) if args.play else None,
+        record=Path(args.record) if args.record else None,
+        duration=args.duration,
+        timeout=args.timeout,
+    )
+
+
+def _login_password(source: str | None) -> str:
+    if source is not None:
+        return _read_password(source)
+    try:
+        password = getpass.getpass("Password: ")
+    except EOFError:
+        _fail(EXIT_USAGE, "no password given")
+    if not password:
+        _fail(EXIT_USAGE, "empty password")
+    return password
+
+
+def _report(report: CallReport) -> int:
+    frequency = f"{report.frequency:.1f} Hz" if report.frequency is not None else "nothing"
+    _out(
+        f"call with {report.peer}: heard {report.seconds_heard:.1f} s, dominant {frequency};"
+        f" ended: {report.reason}"
+    )
+    return EXIT_OK
+
+
+def _call(args: argparse.Namespace, config: Config) -> int:
+    from voip.console import place_call
+    from voip.softphone import CallError
+
+    options = _phone(args, config)
+    try:
+        return _report(asyncio.run(place_call(args.peer, options)))
+    except CallError as exc:
+        _fail(EXIT_FAILED, str(exc))
+
+
+def _answer(args: argparse.Namespace, config: Config) -> int:
+    from voip.console import answer_call
+    from voip.softphone import CallError
+
+    options = _phone(args, config)
+    try:
+        return _report(asyncio.run(answer_call(options)))
+    except CallError as exc:
+        _fail(EXIT_FAILED, str(exc))
 
 
 def ctl_main(argv: list[str] | None = None) -> int:
