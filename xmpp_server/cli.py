@@ -232,6 +232,17 @@ def _ctl_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("--user", metavar="JID", help="only this account's archive")
 
+    uploads = commands.add_parser("uploads", help="manage uploaded files").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    cmd = command(uploads, "purge", _uploads_purge, "delete old uploaded files and unused slots")
+    cmd.add_argument(
+        "--older-than",
+        type=int,
+        metavar="DAYS",
+        help="age in days (default: modules.upload.expire_days)",
+    )
+
     room = commands.add_parser(
         "room", help="manage group chat rooms (applied live when natterd runs)"
     ).add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -686,6 +697,46 @@ def _archive_purge(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
 
     return asyncio.run(purge())
+
+
+def _uploads_purge(args: argparse.Namespace, config: Config) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from xmpp_server.blobs import BlobError
+    from xmpp_server.config import parse_options
+    from xmpp_server.modules.upload import UploadOptions, open_blobs, purge
+
+    raw = dict(config.modules.get("upload", {}))
+    raw.pop("enabled", None)
+    try:
+        options = parse_options(UploadOptions, raw, "modules.upload")
+    except ConfigError as exc:
+        raise config.explain(exc) from None
+    days: int | None = args.older_than
+    if days is None:
+        days = options.expire_days
+    elif days < 0:
+        _fail(EXIT_USAGE, f"--older-than must be 0 or more days, got {days}")
+    cutoff = datetime.now(UTC) - timedelta(days=days) if days else None
+    if args.older_than == 0:
+        cutoff = datetime.now(UTC)
+
+    async def run() -> int:
+        blobs = open_blobs(config, options)
+        try:
+            async with _storage(config) as storage:
+                purged = await purge(storage, blobs, cutoff, options.slot_ttl)
+        except BlobError as exc:
+            _fail(EXIT_FAILED, f"blob storage: {exc}")
+        finally:
+            await blobs.close()
+        if cutoff is None:
+            _out(f"purged {purged} unused upload slots (files are kept: expire_days = 0)")
+        else:
+            _out(f"purged {purged} uploads older than {days} days")
+        return EXIT_OK
+
+    return asyncio.run(run())
 
 
 def _validate_modules(config: Config) -> None:

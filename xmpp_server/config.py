@@ -355,6 +355,27 @@ class StunConfig:
     burst: int = field(default=200, metadata={"min": 1})
 
 
+def _check_public_url(value: str) -> str:
+    if value and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
+        example = '"https://example.org"'
+        raise ValueError(f'expected "" or an http(s) URL such as {example}, got {_show(value)}')
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP server (``xmpp_server/http/``): uploads, later WebSocket; modules add routes."""
+
+    enabled: bool = True
+    host: tuple[str, ...] = field(default=("0.0.0.0",), metadata={"scalar": True})
+    port: int = field(default=5280, metadata={"min": 0, "max": 65535})
+    """Plain HTTP, for loopback and reverse proxies; 0 = off."""
+    tls_port: int = field(default=5281, metadata={"min": 0, "max": 65535})
+    """HTTPS with the [tls] certificate; 0 = off."""
+    public_url: str = field(default="", metadata={"check": _check_public_url})
+    """The base URL clients are given; "" = ``https://<domain>:<tls_port>``."""
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -364,6 +385,7 @@ SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "logging": LoggingConfig,
     "stun": StunConfig,
+    "http": HttpConfig,
 }
 
 
@@ -383,6 +405,7 @@ class Config:
     auth: AuthConfig
     logging: LoggingConfig
     stun: StunConfig
+    http: HttpConfig
     modules: dict[str, dict[str, Any]]
     """Raw ``[modules.<name>]`` tables; the module registry validates them."""
     path: Path | None
@@ -404,6 +427,17 @@ class Config:
     def default_tls_paths(self) -> tuple[Path, Path]:
         """Where a generated certificate and key live: ``{data_dir}/tls/<domain>.crt/.key``."""
         return _default_tls_paths(self.data_dir, self.server.domain)
+
+    @property
+    def http_public_url(self) -> str:
+        """Where clients reach the HTTP server: ``[http] public_url`` or one made of the
+        domain and the TLS port (the plain port when TLS is off), without a trailing slash."""
+        http = self.http
+        if http.public_url:
+            return http.public_url
+        if http.tls_port or not http.port:
+            return f"https://{self.server.domain}:{http.tls_port}"
+        return f"http://{self.server.domain}:{http.port}"
 
     def explain(self, error: ConfigError) -> ConfigError:
         """Add the environment variable to an error about a key that one set."""
@@ -491,6 +525,7 @@ def build_config(
         auth=sections["auth"],
         logging=sections["logging"],
         stun=sections["stun"],
+        http=sections["http"],
         modules=modules,
         path=path,
         data_dir=data_dir,

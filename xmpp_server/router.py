@@ -10,6 +10,7 @@ nowhere else; errors are never answered with errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.jid import JID
-from xmpp_server.stanza import KIND, error_reply, payload
+from xmpp_server.stanza import KIND, error_reply, new_id, payload
 from xmpp_server.xml import Element
 
 log = logging.getLogger("natterd.router")
@@ -95,6 +96,8 @@ class Router:
         self._unbound: list[SessionHook] = []
         self._available: list[SessionHook] = []
         self._delivered: list[DeliveredHook] = []
+        # Server-originated iq requests awaiting their answer: id → (addressee, future).
+        self._requests: dict[str, tuple[str, asyncio.Future[Element]]] = {}
 
     # -- registration -----------------------------------------------------------------
 
@@ -209,6 +212,30 @@ class Router:
             return
         await self._dispatch(None, stanza, to, sender)
 
+    async def request(self, iq: Element, timeout: float) -> Element:
+        """Send an iq get/set from the server's JID to a local full JID and wait for the
+        answer (a result or an error stanza); TimeoutError if none comes in ``timeout``."""
+        to = JID.parse(iq.get("to", ""))
+        if to.resource is None or self.session(to) is None:
+            raise ServiceUnavailable("no such session")
+        id_ = new_id()
+        iq.set("id", id_)
+        iq.set("from", self.domain)
+        answer: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
+        self._requests[id_] = (str(to), answer)
+        try:
+            await self.deliver(iq)
+            async with asyncio.timeout(timeout):
+                return await answer
+        finally:
+            self._requests.pop(id_, None)
+
+    def _answered(self, stanza: Element) -> None:
+        pending = self._requests.get(stanza.get("id", ""))
+        # Only the addressee may answer: 'from' was stamped by route(), so it cannot be forged.
+        if pending is not None and stanza.get("from") == pending[0] and not pending[1].done():
+            pending[1].set_result(stanza)
+
     async def _dispatch(
         self, origin: Session | None, stanza: Element, to: JID | None, sender: JID
     ) -> None:
@@ -283,7 +310,9 @@ class Router:
     async def _handle_iq(self, origin: Session | None, stanza: Element, target: str) -> bool:
         type_ = stanza.get("type")
         if type_ not in ("get", "set"):
-            return type_ in ("result", "error")  # answers to nobody are dropped
+            if target == "host" and type_ in ("result", "error"):
+                self._answered(stanza)  # an answer to request(); any other is dropped
+            return type_ in ("result", "error")
         first = payload(stanza)
         if first is None:
             raise ServiceUnavailable()

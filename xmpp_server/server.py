@@ -28,6 +28,7 @@ from xmpp_server.xml import XmlLimits
 
 if TYPE_CHECKING:
     from stun.service import StunService
+    from xmpp_server.http.server import HttpServer
 
 log = logging.getLogger("natterd")
 
@@ -100,6 +101,7 @@ class Server:
         self._per_ip: dict[str, int] = {}
         self.control: control.ControlServer | None = None
         self.stun: StunService | None = None
+        self.http: HttpServer | None = None
 
     @classmethod
     async def start(cls, config: Config) -> Server:
@@ -161,8 +163,10 @@ class Server:
             server = cls(host)
             await server._start_stun()
             try:
+                await server._start_http()
                 await server._listen()
             except BaseException:
+                await server._stop_http()
                 await server._stop_stun()
                 raise
         except BaseException:
@@ -176,6 +180,18 @@ class Server:
             from stun.service import StunService
 
             self.stun = await StunService.start(self.host.config)
+
+    # HTTP (issue 5): aiohttp on its own ports, routes from the modules; stopped before them.
+    async def _start_http(self) -> None:
+        if self.host.config.http.enabled:
+            from xmpp_server.http.server import HttpServer
+
+            self.http = await HttpServer.start(self.host)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
 
     async def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
         """Counters for ``natterctl stats`` (JSON): what a metrics exporter will publish."""
@@ -288,6 +304,7 @@ class Server:
                 await conn.end_session()
         while self.host.background:
             await asyncio.gather(*list(self.host.background), return_exceptions=True)
+        await self._stop_http()
         for module in self.host.modules.values():
             await module.stop()
         await self._stop_stun()

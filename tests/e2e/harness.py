@@ -30,6 +30,8 @@ async def running_server(
         "server": {"domain": DOMAIN, "data_dir": str(tmp_path / "data")},
         "storage": {"url": db_url},
         "c2s": {"host": "127.0.0.1", "port": 0, "direct_tls_port": 0, "read_rate": 0},
+        # Off unless a test turns it on with its own ports (0 means off, not "any port").
+        "http": {"enabled": False},
     }
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)

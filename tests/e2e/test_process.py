@@ -44,6 +44,10 @@ url = "{db_url}"
 host = "127.0.0.1"
 port = {free_port()}
 direct_tls_port = {free_port()}
+
+[http]
+port = {free_port()}
+tls_port = {free_port()}
 """
     )
     return path

@@ -17,12 +17,14 @@ from xmpp_server.modules.last import LastActivity
 from xmpp_server.modules.mam import Mam
 from xmpp_server.modules.muc import Muc
 from xmpp_server.modules.offline import Offline
+from xmpp_server.modules.pep import Pep
 from xmpp_server.modules.ping import Ping
 from xmpp_server.modules.presence import Presence
 from xmpp_server.modules.register import Register
 from xmpp_server.modules.roster import Roster
 from xmpp_server.modules.session import LegacySession
 from xmpp_server.modules.stanza_id import StanzaId
+from xmpp_server.modules.upload import HttpUpload
 from xmpp_server.modules.vcard import VCard
 from xmpp_server.modules.version import Version
 
@@ -51,6 +53,8 @@ MODULES: dict[str, type[Module]] = {
         Announce,
         Muc,
         ExtDisco,
+        Pep,
+        HttpUpload,
     )
 }
 

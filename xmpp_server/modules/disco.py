@@ -44,6 +44,10 @@ class Disco(Module):
         query.append(Element(qn(NS_INFO, "identity"), identity))
         for feature in self._features("features"):
             query.append(Element(qn(NS_INFO, "feature"), {"var": feature}))
+        # Identities and XEP-0128 forms that modules add via ``disco_info()`` (upload: §2).
+        for module in self.host.modules.values():
+            extra = getattr(module, "disco_info", None)
+            query.extend(extra() if extra is not None else ())
         self._reply(origin, iq, query)
 
     async def host_items(self, origin: Session | None, iq: Element) -> None:
@@ -67,13 +71,23 @@ class Disco(Module):
         query.append(
             Element(qn(NS_INFO, "identity"), {"category": "account", "type": "registered"})
         )
+        for module in self.host.modules.values():
+            for identity in getattr(module, "account_identities", ()):
+                query.append(Element(qn(NS_INFO, "identity"), identity))
         for feature in self._features("account_features"):
             query.append(Element(qn(NS_INFO, "feature"), {"var": feature}))
         self._reply(origin, iq, query)
 
     async def account_items(self, origin: Session | None, iq: Element) -> None:
+        """What modules list on an account (its PEP nodes) via ``account_disco_items()``."""
         await self._may_see(iq)
-        self._reply(origin, iq, self._query(iq, NS_ITEMS))
+        query = self._query(iq, NS_ITEMS)
+        requester, account = iq_addresses(iq)
+        for module in self.host.modules.values():
+            items = getattr(module, "account_disco_items", None)
+            for attrs in await items(account, requester) if items is not None else ():
+                query.append(Element(qn(NS_ITEMS, "item"), attrs))
+        self._reply(origin, iq, query)
 
     def _reply(self, origin: Session | None, iq: Element, query: Element) -> None:
         if origin is not None:

@@ -27,9 +27,11 @@ from .errors import AccountExists, AccountNotFound, NotMigrated, RoomNotFound
 from .last_activity import LastActivity
 from .migrations import head_revision, is_known_revision, revision_of, upgrade_engine
 from .offline import OfflineMessages
+from .pep import PepNodes, StoredPepItem, StoredPepNode
 from .rooms import Affiliation, Rooms, StoredRoom
 from .rosters import RosterItem, Rosters
 from .subscriptions import PendingSubscriptions
+from .uploads import Uploads
 from .vcards import VCards
 
 __all__ = [
@@ -48,11 +50,14 @@ __all__ = [
     "NotMigrated",
     "OfflineMessages",
     "PendingSubscriptions",
+    "PepNodes",
     "RoomNotFound",
     "Rooms",
     "RosterItem",
     "Rosters",
     "Storage",
+    "StoredPepItem",
+    "StoredPepNode",
     "StoredRoom",
     "UnknownArchiveId",
     "VCards",
@@ -77,6 +82,8 @@ class Storage:
         self.offline = OfflineMessages(self.sessions, dialect)
         self.archive = Archive(self.sessions, dialect)
         self.rooms = Rooms(self.sessions, dialect)
+        self.pep = PepNodes(self.sessions, dialect)
+        self.uploads = Uploads(self.sessions, dialect)
 
     @classmethod
     async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:

@@ -270,3 +270,73 @@ class MucAffiliation(Base):
     affiliation: Mapped[str] = mapped_column(Text)
     nick: Mapped[str | None] = mapped_column(Text)  # reserved nick (XEP-0045 §7.10)
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class PepNode(UserRow, Base):
+    """A personal eventing (XEP-0163) node on a user's bare JID.
+
+    ``config`` and ``affiliations`` are opaque JSON owned by the PEP module: the node
+    configuration (access model, retention...) and the whitelist (bare JID → affiliation).
+    """
+
+    __tablename__ = "pep_nodes"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username", "node"),)
+
+    node: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, object]] = mapped_column(JSON)
+    affiliations: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class PepItem(UserRow, Base):
+    """One published item of a PEP node; ordered by ``(published_at, id)``, oldest first.
+
+    No foreign key to ``pep_nodes``: the store deletes a node's items in the same transaction
+    as the node. The ``(node, published_at)`` index serves the purge of expiring items.
+    """
+
+    __tablename__ = "pep_items"
+    __table_args__ = (
+        Index(None, "domain", "username", "node", "item_id", unique=True),
+        Index(None, "domain", "username", "node", "published_at", "id"),
+        Index(None, "node", "published_at"),
+        {"sqlite_autoincrement": True},  # ids only grow: they order items published together
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    node: Mapped[str] = mapped_column(Text)
+    item_id: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    publisher: Mapped[str] = mapped_column(Text)
+    published_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class UploadedFile(UserRow, Base):
+    """An XEP-0363 upload slot and, once the PUT arrived, the file it holds.
+
+    ``path`` and ``thumbnail`` are keys in the blob store (``xmpp_server/blobs.py``), not file
+    system paths. ``completed_at`` stays NULL until the upload finished; a slot never used is
+    purged once its PUT URL expired. Deleting the account deletes the rows; the blobs go with
+    the next purge of orphans (``natterctl uploads purge``).
+    """
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        Index(None, "domain", "username"),
+        Index(None, "created_at"),
+    )
+
+    slot: Mapped[str] = mapped_column(Text, primary_key=True)
+    filename: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(Text)  # hex, computed while the PUT streamed in
+    width: Mapped[int | None] = mapped_column(Integer)  # of an image or video
+    height: Mapped[int | None] = mapped_column(Integer)
+    thumbnail: Mapped[str | None] = mapped_column(Text)
+    thumbnail_type: Mapped[str | None] = mapped_column(Text)
+    thumbnail_width: Mapped[int | None] = mapped_column(Integer)
+    thumbnail_height: Mapped[int | None] = mapped_column(Integer)
