@@ -1488,6 +1488,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def target_of(args: argparse.Namespace, server: Any) -> Target:
+    """Where the generator connects: a server it started (``server``: LocalServer or
+    ProsodyServer) or the one the options name."""
+    if server is not None:
+        host, cafile = "127.0.0.1", server.cafile
+        port = server.tls_port if args.tls == "direct" else server.port
+    else:
+        host, cafile = args.host, args.cafile
+        port = args.port or (5223 if args.tls == "direct" else 5222)
+    return Target(
+        host=host,
+        port=port,
+        domain=args.domain,
+        tls=args.tls,
+        cafile=args.cafile or cafile,
+        insecure=args.insecure,
+        user_prefix=args.user_prefix,
+        password=args.password,
+        login_timeout=args.login_timeout,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile_limit()  # inherited by natterd and the workers
@@ -1501,22 +1523,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings.setdefault(table, {})[key] = value
             server = LocalServer(args.domain, args.db_url, args.keep, settings)
             server.start(args.clients, args.user_prefix, args.password)
-            host, port = "127.0.0.1", server.tls_port if args.tls == "direct" else server.port
-            cafile: str | None = server.cafile
-        else:
-            host, cafile = args.host, args.cafile
-            port = args.port or (5223 if args.tls == "direct" else 5222)
-        target = Target(
-            host=host,
-            port=port,
-            domain=args.domain,
-            tls=args.tls,
-            cafile=args.cafile or cafile,
-            insecure=args.insecure,
-            user_prefix=args.user_prefix,
-            password=args.password,
-            login_timeout=args.login_timeout,
-        )
+        target = target_of(args, server)
         pid = server.pid if server is not None else args.server_pid
         result = orchestrate(args, target, pid)
     except (RuntimeError, OSError) as exc:

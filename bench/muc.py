@@ -53,6 +53,7 @@ from bench.load import (
     phase,
     raise_nofile_limit,
     rss_kib,
+    target_of,
     timed_login,
     toml_value,
 )
@@ -1266,22 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
                 server = _natterd(args, users)
                 label = "self-started natterd"
             label += "".join(f", {s}" for s in settings)
-            host, cafile = "127.0.0.1", server.cafile
-            port = server.tls_port if args.tls == "direct" else server.port
         else:
-            host, cafile, label = args.host, args.cafile, "external server"
-            port = args.port or (5223 if args.tls == "direct" else 5222)
-        target = Target(
-            host=host,
-            port=port,
-            domain=args.domain,
-            tls=args.tls,
-            cafile=args.cafile or cafile,
-            insecure=args.insecure,
-            user_prefix=args.user_prefix,
-            password=args.password,
-            login_timeout=args.login_timeout,
-        )
+            label = "external server"
+        target = target_of(args, server)
         pid = server.pid if server is not None else args.server_pid
         result = orchestrate(args, target, args.muc_domain, pid)
     except (RuntimeError, OSError) as exc:
@@ -1296,8 +1284,8 @@ def main(argv: list[str] | None = None) -> int:
         rooms=args.rooms,
         rate=args.rate or None,
         target={
-            "host": host,
-            "port": port,
+            "host": target.host,
+            "port": target.port,
             "tls": args.tls,
             "domain": args.domain,
             "muc_domain": args.muc_domain,

@@ -182,6 +182,12 @@ async def create_room(
     return presence
 
 
+async def affiliated(client: MucClient, room: str, affiliation: str) -> list[str]:
+    """The bare JIDs on a room's affiliation list, sorted (XEP-0045 §9.5, §10.5)."""
+    items = await client.muc.get_affiliation_list(room, affiliation, timeout=TIMEOUT)
+    return sorted(JID(j).bare for j in items)
+
+
 async def iq_error(coro: Any) -> str:
     with pytest.raises(IqError) as caught:
         await coro
@@ -360,8 +366,7 @@ async def test_members_only_room_refuses_non_members(migrated_db_url: str, tmp_p
             await alice.muc.set_affiliation(ROOM, "member", jid=c, timeout=TIMEOUT)
             own, *_ = await join(carol, ROOM, "carol")
             assert own["muc"]["affiliation"] == "member"
-            members = await alice.muc.get_affiliation_list(ROOM, "member", timeout=TIMEOUT)
-            assert [JID(j).bare for j in members] == [c]
+            assert await affiliated(alice, ROOM, "member") == [c]
             features = (await room_info(alice, ROOM))["disco_info"]["features"]
             assert "muc_membersonly" in features
 
@@ -384,8 +389,7 @@ async def test_outcast_is_refused_and_a_present_one_is_removed(
                     presence_from(ROOM, "mallory", available=False, code=301),
                 )
             assert await refused(mallory, ROOM, "mallory") == "forbidden"  # §7.2.8
-            outcasts = await alice.muc.get_affiliation_list(ROOM, "outcast", timeout=TIMEOUT)
-            assert [JID(j).bare for j in outcasts] == [m]
+            assert await affiliated(alice, ROOM, "outcast") == [m]
             # Lifting the ban (affiliation none) lets her in again (§9.2).
             await alice.muc.set_affiliation(ROOM, "none", jid=m, timeout=TIMEOUT)
             own, *_ = await join(mallory, ROOM, "mallory")
@@ -579,10 +583,8 @@ async def test_persistent_room_config_and_affiliations_survive_a_restart(
             values = (await alice.muc.get_room_config(ROOM, timeout=TIMEOUT)).get_values()
             assert truthy(values[MEMBERS_ONLY]) and truthy(values[PERSISTENT])
             assert values[NAME] == "Keepers"
-            members = await alice.muc.get_affiliation_list(ROOM, "member", timeout=TIMEOUT)
-            assert [JID(j).bare for j in members] == [b]
-            outcasts = await alice.muc.get_affiliation_list(ROOM, "outcast", timeout=TIMEOUT)
-            assert [JID(j).bare for j in outcasts] == [m]
+            assert await affiliated(alice, ROOM, "member") == [b]
+            assert await affiliated(alice, ROOM, "outcast") == [m]
 
 
 # ── invitations, private messages, subject, errors, destruction ──
@@ -621,8 +623,7 @@ async def test_mediated_invitation_to_members_only_room_makes_a_member(
             assert declined["from"] == ROOM
             assert declined["muc"]["decline"]["from"].bare == d
             assert declined["muc"]["decline"]["reason"] == "busy"
-            members = await alice.muc.get_affiliation_list(ROOM, "member", timeout=TIMEOUT)
-            assert sorted(JID(j).bare for j in members) == [c, d]
+            assert await affiliated(alice, ROOM, "member") == [c, d]
 
 
 async def test_private_messages_between_occupants(migrated_db_url: str, tmp_path: Path) -> None:
@@ -973,10 +974,8 @@ async def test_granted_affiliations_change_roles_in_view_of_everyone(
             await next_matching(
                 carol.room_presences, presence_from(ROOM, "carol", available=False, code=307)
             )
-            admins = await alice.muc.get_affiliation_list(ROOM, "admin", timeout=TIMEOUT)
-            assert [JID(j).bare for j in admins] == [b]
-            owners = await bob.muc.get_affiliation_list(ROOM, "owner", timeout=TIMEOUT)
-            assert [JID(j).bare for j in owners] == [a]
+            assert await affiliated(alice, ROOM, "admin") == [b]
+            assert await affiliated(bob, ROOM, "owner") == [a]
 
 
 # ── archive privacy ──
