@@ -1,0 +1,304 @@
+"""Calls anchored in natterd's relay (``[modules.jingle] media = "relay"``): two softphones
+on loopback, each talking only to the server's aiortc legs; tones detected by FFT both ways;
+every leg, socket and task gone after hang-up; OMEMO-protected sessions left direct."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import resource
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from slixmpp.exceptions import IqError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from tests.e2e.harness import Client, add_user, clients, running_server
+from tests.voip.test_softphone import open_peer_connections, open_transports, record
+from voip.jingle import NS_DTLS, NS_ICE_UDP, NS_JINGLE, NS_RTP, sdp_to_jingle
+from voip.relay import Anchor, Relay, end_to_end_protected
+from voip.softphone import Softphone, ToneTrack, dominant_frequency
+from xmpp_server.xml import fromstring
+
+DEADLINE = 25.0
+RECORD_SECONDS = 1.0
+RELAY = {"modules": {"jingle": {"media": "relay"}}}
+
+
+def relay_settings(forward: str) -> dict[str, Any]:
+    return {"modules": {"jingle": {"media": "relay", "relay_forward": forward}}}
+
+
+@pytest.fixture
+def sqlite_url(sqlite_migrated: Path, tmp_path: Path) -> str:
+    path = tmp_path / "natter.db"
+    shutil.copyfile(sqlite_migrated, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def candidate_ports(sdp: str) -> set[int]:
+    """The ports of the a=candidate lines of an SDP."""
+    return {int(m.group(1)) for m in re.finditer(r"a=candidate:\S+ \d+ udp \d+ \S+ (\d+)", sdp)}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def initiate_with_omemo_fingerprint(sid: str, initiator: str, ns: str) -> Any:
+    return fromstring(
+        f"<jingle xmlns='{NS_JINGLE}' action='session-initiate' sid='{sid}'"
+        f" initiator='{initiator}'>"
+        "<content creator='initiator' name='0'>"
+        f"<description xmlns='{NS_RTP}' media='audio'>"
+        "<payload-type id='111' name='opus' clockrate='48000' channels='2'/></description>"
+        f"<transport xmlns='{NS_ICE_UDP}' ufrag='abcd' pwd='0123456789abcdefghijkl'>"
+        f"<encrypted xmlns='{ns}'><header sid='1'><key rid='2'>a2V5</key><iv>aXY=</iv>"
+        "</header><payload>ZmluZ2VycHJpbnQ=</payload></encrypted>"
+        "<candidate component='1' foundation='1' generation='0' id='c1' ip='192.0.2.1'"
+        " network='0' port='40000' priority='1' protocol='udp' type='host'/>"
+        "</transport></content></jingle>"
+    )
+
+
+def test_omemo_fingerprints_are_detected() -> None:
+    for ns in ("eu.siacs.conversations.axolotl", "urn:xmpp:omemo:2"):
+        assert "OMEMO" in (
+            end_to_end_protected(initiate_with_omemo_fingerprint("s", "a", ns)) or ""
+        )
+    plain = fromstring(
+        f"<jingle xmlns='{NS_JINGLE}' action='session-initiate' sid='s'>"
+        f"<content creator='initiator' name='0'><transport xmlns='{NS_ICE_UDP}'>"
+        f"<fingerprint xmlns='{NS_DTLS}' hash='sha-256' setup='actpass'>AB:CD</fingerprint>"
+        "</transport></content></jingle>"
+    )
+    assert end_to_end_protected(plain) is None
+
+
+@pytest.mark.parametrize("forward", ["transcode", "passthrough"])
+async def test_two_softphones_talk_through_the_relay(
+    sqlite_url: str, tmp_path: Path, forward: str
+) -> None:
+    async with running_server(sqlite_url, tmp_path, relay_settings(forward)) as server:
+        anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        relay: Relay = anchor.relay
+        alice_jid = await add_user(server, "alice")
+        bob_jid = await add_user(server, "bob")
+        async with clients(Client(server, alice_jid), Client(server, bob_jid)) as (alice, bob):
+            await alice.login()
+            await bob.login()
+            alice_phone = Softphone(alice, source=lambda: ToneTrack(440.0), timeout=DEADLINE)
+            bob_phone = Softphone(bob, source=lambda: ToneTrack(660.0), timeout=DEADLINE)
+            try:
+                placing = asyncio.create_task(alice_phone.call(bob_jid))
+                async with asyncio.timeout(DEADLINE):
+                    incoming = await bob_phone.incoming.get()
+                answered = await bob_phone.answer(incoming)
+                placed = await placing
+                # Both see an ordinary call with each other.
+                assert placed.peer == bob.boundjid.full
+                assert answered.peer == answered.initiator == alice.boundjid.full
+                async with asyncio.timeout(DEADLINE):
+                    await alice_phone.wait_connected(placed)
+                    await bob_phone.wait_connected(answered)
+
+                # ... but each talks only to the relay's leg.
+                [call] = relay.calls.values()
+                assert (call.caller, call.callee) == (alice.boundjid.full, bob.boundjid.full)
+                alice_leg, bob_leg = call.legs
+                for phone_call, leg, other in (
+                    (placed, alice_leg, answered),
+                    (answered, bob_leg, placed),
+                ):
+                    remote = candidate_ports(phone_call.pc.remoteDescription.sdp)
+                    assert remote
+                    assert remote <= candidate_ports(leg.pc.localDescription.sdp)
+                    assert not remote & candidate_ports(other.pc.localDescription.sdp)
+                    # RTP and RTCP multiplexed on one UDP socket per leg, one ICE component.
+                    assert "a=rtcp-mux" in leg.pc.localDescription.sdp
+                    [connection] = leg.ice_connections()
+                    assert {c.component for c in connection.local_candidates} == {1}
+                    assert len(leg.udp_sockets()) == 1
+                    pair = connection._nominated.get(1)
+                    assert pair is not None
+                    assert pair.protocol.transport.get_extra_info("socket") is leg.udp_sockets()[0]
+
+                cpu_before = cpu_seconds()
+                heard_by_bob = await record(answered, RECORD_SECONDS)
+                heard_by_alice = await record(placed, RECORD_SECONDS)
+                assert dominant_frequency(heard_by_bob) == pytest.approx(440.0, abs=5)
+                assert dominant_frequency(heard_by_alice) == pytest.approx(660.0, abs=5)
+                logging.getLogger(__name__).warning(
+                    "%s: process CPU while relaying (softphones included): %.2f s",
+                    forward,
+                    cpu_seconds() - cpu_before,
+                )
+
+                await alice_phone.hangup(placed)
+                async with asyncio.timeout(DEADLINE):
+                    await answered.ended.wait()
+                    await call.ended.wait()
+                assert (placed.reason, answered.reason) == ("success", "success")
+                record_ = call.record
+                assert record_["reason"] == "success"
+                for name in ("caller", "callee"):
+                    leg_stats = record_["legs"][name]
+                    assert leg_stats["packets_received"] > 0
+                    assert leg_stats["frames_forwarded"] > 0
+                    assert {"packets_lost", "jitter"} <= leg_stats.keys()
+                assert relay.passthrough == (forward == "passthrough")
+                assert relay.calls == {} and anchor.sessions == {}
+                assert alice_phone.calls == bob_phone.calls == {}
+                for leg in call.legs:
+                    assert leg.pc.connectionState == "closed"
+                    assert all(s.fileno() == -1 for s in leg.udp_sockets())
+                async with asyncio.timeout(DEADLINE):
+                    while relay.tasks or anchor.tasks:
+                        await asyncio.sleep(0.05)
+            finally:
+                await alice_phone.close()
+                await bob_phone.close()
+            assert open_peer_connections() == []
+            assert open_transports() == []
+            # The receivers' decoder threads (tapped ones included) are gone too.
+            assert [t for t in threading.enumerate() if t.name.endswith("-decoder")] == []
+
+
+async def test_omemo_protected_call_is_not_anchored(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="natterd.relay")
+    async with running_server(sqlite_url, tmp_path, RELAY) as server:
+        anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        alice_jid = await add_user(server, "alice")
+        bob_jid = await add_user(server, "bob")
+        async with clients(Client(server, alice_jid), Client(server, bob_jid)) as (alice, bob):
+            await alice.login()
+            await bob.login()
+            bob_phone = Softphone(bob, ice_servers=[], timeout=DEADLINE)
+            try:
+                iq = alice.Iq()
+                iq["type"] = "set"
+                iq["to"] = bob.boundjid.full
+                iq.xml.append(
+                    initiate_with_omemo_fingerprint(
+                        "omemo1", alice.boundjid.full, "eu.siacs.conversations.axolotl"
+                    )
+                )
+                # Bob's softphone did not expect it and says so: the iq reached Bob untouched.
+                with pytest.raises(IqError) as caught:
+                    await iq.send(timeout=DEADLINE)
+                assert caught.value.iq["from"] == bob.boundjid.full
+                assert caught.value.iq["error"]["condition"] == "item-not-found"
+                assert anchor.sessions == {} and anchor.relay.calls == {}
+                assert "not anchored: OMEMO-encrypted DTLS fingerprint" in caplog.text
+            finally:
+                await bob_phone.close()
+
+
+class SilentTrack(MediaStreamTrack):
+    """An audio track that never produces a frame (a muted, stalled client)."""
+
+    kind = "audio"
+
+    async def recv(self) -> Any:
+        await asyncio.Event().wait()
+
+
+async def test_relay_ends_a_call_without_media_and_cleans_up() -> None:
+    ended: list[str] = []
+
+    async def on_end(call: Any, reason: str) -> None:
+        ended.append(reason)
+
+    relay = Relay(media_timeout=1.0, check_interval=0.1, on_end=on_end)
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        caller.addTrack(SilentTrack())
+        callee.addTrack(SilentTrack())
+        await caller.setLocalDescription(await caller.createOffer())
+        call, offer = await relay.open("s1", "a@x/1", "b@x/1", caller.localDescription.sdp)
+        await callee.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await callee.setLocalDescription(await callee.createAnswer())
+        answer = await relay.accept(call, callee.localDescription.sdp)
+        await caller.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        async with asyncio.timeout(DEADLINE):
+            await call.ended.wait()
+            while relay.tasks:
+                await asyncio.sleep(0.05)
+        assert ended == ["timeout"] and call.record["reason"] == "timeout"
+        assert relay.calls == {} and relay.records[-1] is call.record
+        assert all(leg.pc.connectionState == "closed" for leg in call.legs)
+        assert all(s.fileno() == -1 for leg in call.legs for s in leg.udp_sockets())
+    finally:
+        await caller.close()
+        await callee.close()
+        await relay.close()
+
+
+async def test_unanswered_anchored_session_times_out(sqlite_url: str, tmp_path: Path) -> None:
+    settings = {"modules": {"jingle": {"media": "relay", "ring_timeout": 1.0}}}
+    async with running_server(sqlite_url, tmp_path, settings) as server:
+        anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        alice_jid = await add_user(server, "alice")
+        bob_jid = await add_user(server, "bob")
+        async with clients(Client(server, alice_jid), Client(server, bob_jid)) as (alice, bob):
+            await alice.login()
+            await bob.login()
+            got: dict[str, list[Any]] = {"alice": [], "bob": []}
+
+            def acker(name: str) -> Any:
+                def handle(iq: Any) -> None:
+                    got[name].append(iq.xml.find(f"{{{NS_JINGLE}}}jingle"))
+                    iq.reply().send()
+
+                return handle
+
+            for name, client in (("alice", alice), ("bob", bob)):
+                client.register_handler(
+                    Callback(
+                        f"jingle-{name}",
+                        MatchXPath(f"{{jabber:client}}iq/{{{NS_JINGLE}}}jingle"),
+                        acker(name),
+                    )
+                )
+            pc = RTCPeerConnection()
+            try:
+                pc.addTrack(ToneTrack(440.0))
+                await pc.setLocalDescription(await pc.createOffer())
+                initiate = sdp_to_jingle(
+                    pc.localDescription.sdp,
+                    action="session-initiate",
+                    sid="ring1",
+                    initiator=alice.boundjid.full,
+                )
+                iq = alice.Iq()
+                iq["type"] = "set"
+                iq["to"] = bob.boundjid.full
+                iq.xml.append(initiate)
+                await iq.send(timeout=DEADLINE)  # acknowledged by the server
+                async with asyncio.timeout(DEADLINE):
+                    while not (got["alice"] and len(got["bob"]) >= 2):
+                        await asyncio.sleep(0.05)
+                # Bob got the relay's session (from Alice's JID) and then its end; so did Alice.
+                assert [j.get("action") for j in got["bob"]] == [
+                    "session-initiate",
+                    "session-terminate",
+                ]
+                [terminate] = got["alice"]
+                assert terminate.get("action") == "session-terminate"
+                assert terminate.find(f"{{{NS_JINGLE}}}reason/{{{NS_JINGLE}}}timeout") is not None
+                assert anchor.sessions == {} and anchor.relay.calls == {}
+                [record_] = anchor.relay.records
+                assert record_["reason"] == "timeout"
+            finally:
+                await pc.close()
+            assert open_peer_connections() == []

@@ -1,0 +1,621 @@
+"""The media anchor: the server's side of relayed ("anchored") calls.
+
+A relayed call has two *legs*, each an aiortc ``RTCPeerConnection``:
+
+    caller ◀── leg A ──▶ [relay] ◀── leg B ──▶ callee
+
+Leg A answers the caller's offer, leg B offers to the callee, and audio received on one leg
+is sent on the other, so each client only ever exchanges packets with the server. Every leg
+carries RTP and RTCP on one UDP socket (aiortc always negotiates ``rtcp-mux`` and uses a single
+ICE component) and Opus at 48 kHz.
+
+Two ways of forwarding (``passthrough``):
+
+* **transcoding** (default): aiortc hands received audio to tracks as decoded frames;
+  :class:`ForwardTrack` re-sends leg A's frames as leg B's outgoing track, whose sender encodes
+  them again (and computes their RFC 6465 audio level in pure Python, the biggest cost).
+* **passthrough**: the encoded Opus payloads leave the receiver's jitter buffer into the other
+  leg's track as ``av.Packet`` objects, which ``RTCRtpSender`` sends as they are (its public
+  "pre-encoded data" path, ``Encoder.pack``): no decoding, no encoding. Taking the payloads
+  needs one private aiortc attribute (the receiver's decoder queue, replaced by a
+  :class:`_PacketTap`), so it is pinned to the aiortc it was written for (1.16); both legs
+  must negotiate Opus (aiortc offers and prefers it; a G.711-only client needs transcoding).
+
+Every call ends in :meth:`Relay.hangup` — on a session-terminate from either side, when no
+audio arrived for ``media_timeout`` seconds, when a leg's connection fails, or when the relay
+closes — which closes both legs (their sockets and tasks) and keeps a *call record*: who, how
+long, why, and the RTCP statistics of each leg (packets, loss, jitter, round-trip time).
+
+Ports: aioice (0.13) binds every candidate socket to port 0 and offers no port range or bind
+address option, so the relay cannot be confined to a configured UDP range yet (a firewall must
+allow the ephemeral range). IPv6 host candidates are left out unless ``use_ipv6``: on a
+single-homed server a leg then holds exactly one UDP socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import candidate_from_sdp
+from av.frame import Frame
+from av.packet import Packet
+
+from voip.jingle import NS_ICE_UDP, candidate_to_sdp, jingle_to_sdp, sdp_to_jingle
+from xmpp_server.stanza import iq_result, make, new_id
+from xmpp_server.xml import Element
+
+log = logging.getLogger("natterd.relay")
+
+EndHook = Callable[["RelayCall", str], Awaitable[None]]
+"""(the call, the Jingle reason) when the relay ends a call by itself (timeout, failure)."""
+
+
+class ForwardTrack(MediaStreamTrack):
+    """An outgoing audio track that re-sends the frames another leg receives. Its source is
+    set once that leg's remote track exists; until then :meth:`recv` waits."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._source: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+        self.frames = 0
+        self.last_frame: float | None = None
+        self.packets: asyncio.Queue[Packet[Any] | None] | None = None  # passthrough
+
+    def push(self, packet: Packet[Any] | None) -> None:
+        """Passthrough: an encoded packet to send (None: the source ended)."""
+        if self.packets is None:
+            self.packets = asyncio.Queue()
+        self.packets.put_nowait(packet)
+
+    def set_source(self, track: MediaStreamTrack) -> None:
+        if not self._source.done():
+            self._source.set_result(track)
+
+    async def recv(self) -> Frame | Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        source = await self._source
+        frame: Frame | Packet[Any] | None
+        if self.packets is not None:
+            frame = await self.packets.get()
+            if frame is None:
+                raise MediaStreamError
+        else:
+            frame = await source.recv()
+        self.frames += 1
+        self.last_frame = time.monotonic()
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        if not self._source.done():
+            self._source.cancel()
+
+
+class _PacketTap:
+    """Stands in for an ``RTCRtpReceiver``'s decoder queue: Opus payloads coming out of the
+    jitter buffer go to ``track`` as packets instead of to the decoder thread."""
+
+    def __init__(self, original: Any, track: ForwardTrack) -> None:
+        self.original = original
+        self.track = track
+
+    def get(self) -> Any:  # the decoder thread waits here until the receiver stops
+        return self.original.get()
+
+    def put(self, item: Any) -> None:
+        if item is None:  # the receiver stops: end the decoder thread too
+            self.original.put(None)
+            self.track.push(None)
+            return
+        codec, encoded = item
+        if codec.name.lower() != "opus":
+            self.original.put(item)
+            return
+        packet = av.Packet(encoded.data)
+        packet.pts = encoded.timestamp
+        packet.time_base = fractions.Fraction(1, codec.clockRate)
+        self.track.push(packet)
+
+
+def _tap(pc: RTCPeerConnection, track: MediaStreamTrack, out: ForwardTrack) -> bool:
+    """Passthrough: take the encoded audio of ``track`` (received on ``pc``) for ``out``."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if receiver.track is track:
+            name = "_RTCRtpReceiver__decoder_queue"
+            original = getattr(receiver, name, None)
+            if original is None or not hasattr(original, "put"):
+                return False
+            setattr(receiver, name, _PacketTap(original, out))
+            out.packets = asyncio.Queue()
+            return True
+    return False
+
+
+@dataclass
+class Leg:
+    """One peer connection of a relayed call, towards ``party``."""
+
+    name: str  # "caller" or "callee"
+    party: str  # the client's full JID
+    pc: RTCPeerConnection
+    outgoing: ForwardTrack = field(default_factory=ForwardTrack)
+
+    def ice_connections(self) -> list[Any]:
+        """The aioice connections of this leg (one per transport; one with BUNDLE)."""
+        found: list[Any] = []
+        for transceiver in self.pc.getTransceivers():
+            transport = transceiver.sender.transport
+            if transport is None:
+                continue
+            connection = transport.transport.iceGatherer._connection
+            if all(connection is not c for c in found):
+                found.append(connection)
+        return found
+
+    def udp_sockets(self) -> list[Any]:
+        """The UDP sockets this leg's ICE transports hold."""
+        sockets = []
+        for connection in self.ice_connections():
+            for protocol in connection._protocols:
+                transport = getattr(protocol, "transport", None)
+                sock = transport.get_extra_info("socket") if transport is not None else None
+                if sock is not None:
+                    sockets.append(sock)
+        return sockets
+
+    async def stats(self) -> dict[str, Any]:
+        """RTCP-derived statistics of the leg (what getStats reports)."""
+        out: dict[str, Any] = {"party": self.party, "state": self.pc.connectionState}
+        try:
+            report = await self.pc.getStats()
+        except Exception:  # closed transports
+            return out
+        for stat in report.values():
+            kind = stat.type
+            if kind == "inbound-rtp":
+                out.update(
+                    packets_received=stat.packetsReceived,
+                    packets_lost=stat.packetsLost,
+                    jitter=stat.jitter,
+                )
+            elif kind == "outbound-rtp":
+                out.update(packets_sent=stat.packetsSent, bytes_sent=stat.bytesSent)
+            elif kind == "remote-inbound-rtp":
+                out.update(
+                    remote_packets_lost=stat.packetsLost,
+                    remote_jitter=stat.jitter,
+                    fraction_lost=stat.fractionLost,
+                    rtt=stat.roundTripTime,
+                )
+        return out
+
+
+@dataclass
+class RelayCall:
+    """A call anchored in the relay."""
+
+    sid: str
+    caller: str  # full JIDs
+    callee: str
+    caller_leg: Leg
+    callee_leg: Leg
+    started: float = field(default_factory=time.time)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def legs(self) -> tuple[Leg, Leg]:
+        return self.caller_leg, self.callee_leg
+
+    def last_media(self) -> float | None:
+        stamps = [leg.outgoing.last_frame for leg in self.legs if leg.outgoing.last_frame]
+        return max(stamps) if stamps else None
+
+
+class Relay:
+    """Anchors calls: two legs per call, audio forwarded between them, cleanup of everything.
+
+    ``on_end`` runs when the relay ends a call by itself (the signalling then tells both
+    clients); calls ended by :meth:`hangup` do not run it."""
+
+    def __init__(
+        self,
+        *,
+        ice_servers: list[RTCIceServer] | None = None,
+        media_timeout: float = 30.0,
+        use_ipv6: bool = False,
+        passthrough: bool = False,
+        on_end: EndHook | None = None,
+        check_interval: float = 1.0,
+    ) -> None:
+        self.ice_servers = ice_servers or []
+        self.passthrough = passthrough
+        self.media_timeout = media_timeout
+        self.use_ipv6 = use_ipv6
+        self.on_end = on_end
+        self.check_interval = check_interval
+        self.calls: dict[str, RelayCall] = {}  # by sid
+        self.records: list[dict[str, Any]] = []  # ended calls, the newest last (bounded)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def _leg(self, name: str, party: str) -> Leg:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
+        return Leg(name, party, pc)
+
+    def _restrict(self, leg: Leg) -> None:
+        if not self.use_ipv6:
+            for connection in leg.ice_connections():
+                connection._use_ipv6 = False
+
+    async def open(self, sid: str, caller: str, callee: str, offer: str) -> tuple[RelayCall, str]:
+        """Start anchoring: leg A takes the caller's ``offer`` (SDP); returns the call and the
+        offer (SDP) of leg B for the callee."""
+        if sid in self.calls:
+            raise ValueError(f"call {sid} is already relayed")
+        call = RelayCall(
+            sid, caller, callee, self._leg("caller", caller), self._leg("callee", callee)
+        )
+        self.calls[sid] = call
+        a, b = call.legs
+        try:
+
+            @a.pc.on("track")
+            def _from_caller(track: MediaStreamTrack) -> None:
+                if track.kind == "audio":
+                    if self.passthrough:
+                        _tap(a.pc, track, b.outgoing)
+                    b.outgoing.set_source(track)
+
+            @b.pc.on("track")
+            def _from_callee(track: MediaStreamTrack) -> None:
+                if track.kind == "audio":
+                    if self.passthrough:
+                        _tap(b.pc, track, a.outgoing)
+                    a.outgoing.set_source(track)
+
+            for leg in call.legs:
+                leg.pc.on("connectionstatechange", self._state_watch(call, leg))
+            await a.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            a.pc.addTrack(a.outgoing)
+            b.pc.addTrack(b.outgoing)
+            b_offer = await b.pc.createOffer()
+            self._restrict(b)
+            await b.pc.setLocalDescription(b_offer)
+        except BaseException:
+            await self.hangup(call, "failed-application")
+            raise
+        return call, str(b.pc.localDescription.sdp)
+
+    async def accept(self, call: RelayCall, answer: str) -> str:
+        """The callee answered leg B with ``answer`` (SDP): returns leg A's answer (SDP) for
+        the caller."""
+        a, b = call.legs
+        try:
+            await b.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            a_answer = await a.pc.createAnswer()
+            self._restrict(a)
+            await a.pc.setLocalDescription(a_answer)
+        except BaseException:
+            await self.hangup(call, "failed-application")
+            raise
+        self._spawn(self._watchdog(call))
+        return str(a.pc.localDescription.sdp)
+
+    async def add_candidate(self, call: RelayCall, party: str, candidate: Any) -> None:
+        leg = call.caller_leg if party == call.caller else call.callee_leg
+        await leg.pc.addIceCandidate(candidate)
+
+    def leg_of(self, call: RelayCall, party: str) -> Leg | None:
+        return next((leg for leg in call.legs if leg.party == party), None)
+
+    async def hangup(self, call: RelayCall, reason: str = "success") -> dict[str, Any]:
+        """End ``call``: statistics into its record, then every leg closed. Idempotent."""
+        if call.reason is not None:
+            await call.ended.wait()
+            return call.record
+        call.reason = reason
+        self.calls.pop(call.sid, None)
+        legs: dict[str, Any] = {}
+        for leg in call.legs:
+            legs[leg.name] = await leg.stats()
+            legs[leg.name]["frames_forwarded"] = leg.outgoing.frames
+        for leg in call.legs:
+            leg.outgoing.stop()
+            with contextlib.suppress(Exception):
+                await leg.pc.close()
+        call.record = {
+            "sid": call.sid,
+            "caller": call.caller,
+            "callee": call.callee,
+            "started": call.started,
+            "duration": time.time() - call.started,
+            "reason": reason,
+            "legs": legs,
+        }
+        self.records.append(call.record)
+        del self.records[:-100]
+        call.ended.set()
+        log.info("relayed call %s ended (%s): %s", call.sid, reason, legs)
+        return call.record
+
+    async def close(self) -> None:
+        """End every call and stop every task."""
+        for call in list(self.calls.values()):
+            await self.hangup(call, "gone")
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # -- timeouts ---------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _state_watch(self, call: RelayCall, leg: Leg) -> Callable[[], None]:
+        def changed() -> None:
+            if leg.pc.connectionState == "failed" and call.reason is None:
+                self._spawn(self._end(call, "connectivity-error"))
+
+        return changed
+
+    async def _watchdog(self, call: RelayCall) -> None:
+        """End the call when no audio was forwarded for ``media_timeout`` seconds."""
+        started = time.monotonic()
+        while call.reason is None:
+            await asyncio.sleep(self.check_interval)
+            last = call.last_media() or started
+            if time.monotonic() - last > self.media_timeout and call.reason is None:
+                await self._end(call, "timeout")
+
+    async def _end(self, call: RelayCall, reason: str) -> None:
+        if call.reason is not None:
+            return
+        await self.hangup(call, reason)
+        if self.on_end is not None:
+            try:
+                await self.on_end(call, reason)
+            except Exception:
+                log.exception("could not signal the end of relayed call %s", call.sid)
+
+
+# -- the signalling side: Jingle sessions anchored by the server -------------------------
+
+NS_JINGLE = "urn:xmpp:jingle:1"
+NS_DTLS = "urn:xmpp:jingle:apps:dtls:0"
+NS_OMEMO_LEGACY = "eu.siacs.conversations.axolotl"
+NS_OMEMO_2 = "urn:xmpp:omemo:2"
+
+
+def end_to_end_protected(jingle: Any) -> str | None:
+    """Why a session-initiate must not be anchored, or None: a DTLS fingerprint carried
+    OMEMO-encrypted inside a transport (Conversations/Dino) is verified end to end, and a
+    relay terminating DTLS would break that verification."""
+    for content in jingle.iter(f"{{{NS_JINGLE}}}content"):
+        for transport in content:
+            if not transport.tag.endswith("}transport"):
+                continue
+            for ns in (NS_OMEMO_LEGACY, NS_OMEMO_2):
+                if transport.find(f".//{{{ns}}}encrypted") is not None:
+                    plain = transport.find(f"{{{NS_DTLS}}}fingerprint") is not None
+                    what = "alongside a plain one" if plain else "instead of a plain one"
+                    return f"OMEMO-encrypted DTLS fingerprint ({ns}) {what}"
+    return None
+
+
+class Anchor:
+    """Anchors Jingle sessions in a :class:`Relay` (natterd's ``media = "relay"``).
+
+    Registered as the router's ``iq/full`` hook. A caller's session-initiate to a callee's
+    full JID is taken by the server: it answers the caller with leg A (session-accept *from
+    the callee's JID*) and places leg B to the callee as a session-initiate *from the caller's
+    JID*, with the same sid, so both clients see an ordinary call with each other and only
+    ever talk to the server. session-terminate is forwarded both ways; transport-info feeds
+    the right leg; other actions are acknowledged. A session with an OMEMO-protected
+    fingerprint goes through untouched (logged)."""
+
+    def __init__(
+        self,
+        router: Any,
+        *,
+        ring_timeout: float = 45.0,
+        media_timeout: float = 30.0,
+        request_timeout: float = 10.0,
+        use_ipv6: bool = False,
+        passthrough: bool = False,
+    ) -> None:
+        self.router = router
+        self.ring_timeout = ring_timeout
+        self.request_timeout = request_timeout
+        self.relay = Relay(
+            media_timeout=media_timeout,
+            use_ipv6=use_ipv6,
+            passthrough=passthrough,
+            on_end=self._relay_ended,
+        )
+        self.sessions: dict[tuple[str, str, str], _Session] = {}  # (caller, callee, sid)
+        self._requests: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            await self._terminate(session, "gone", notify=(session.caller, session.callee))
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.relay.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- the hook -------------------------------------------------------------------------
+
+    async def on_iq(self, origin: Any, iq: Any, to: Any) -> bool:
+        """``iq/full`` hook: True when the iq was for the relay."""
+        type_ = iq.get("type")
+        if type_ in ("result", "error"):
+            pending = self._requests.get(iq.get("id", ""))
+            if pending is None or origin is None or str(origin.jid) != pending[0]:
+                return False
+            if not pending[1].done():
+                pending[1].set_result(iq)
+            return True
+        if origin is None or type_ != "set":
+            return False  # the server's own stanzas (ours included) pass
+        jingle = iq.find(f"{{{NS_JINGLE}}}jingle")
+        if jingle is None:
+            return False
+        sender, target = str(origin.jid), str(to)
+        action, sid = jingle.get("action", ""), jingle.get("sid", "")
+        session = self.sessions.get((sender, target, sid)) or self.sessions.get(
+            (target, sender, sid)
+        )
+        if session is None:
+            if action != "session-initiate" or not sid:
+                return False
+            reason = end_to_end_protected(jingle)
+            if reason is not None:
+                log.info("call %s from %s to %s not anchored: %s", sid, sender, target, reason)
+                return False
+            if self.router.session(to) is None:
+                return False  # the router answers service-unavailable
+            session = _Session(sid, sender, target)
+            self.sessions[(sender, target, sid)] = session
+            origin.deliver(iq_result(iq))
+            self._spawn(self._anchor(session, jingle))
+            return True
+        origin.deliver(iq_result(iq))
+        if action == "session-accept" and sender == session.callee:
+            if not session.accepted.done():
+                session.accepted.set_result(jingle)
+        elif action == "session-terminate":
+            other = session.callee if sender == session.caller else session.caller
+            self._spawn(self._terminate(session, _reason(jingle) or "success", notify=(other,)))
+        elif action == "transport-info" and session.call is not None:
+            self._spawn(self._candidates(session, sender, jingle))
+        return True
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def _anchor(self, session: _Session, initiate: Any) -> None:
+        caller, callee, sid = session.caller, session.callee, session.sid
+        try:
+            offer = jingle_to_sdp(initiate, role="offer")
+            session.call, b_offer = await self.relay.open(sid, caller, callee, offer)
+            b_initiate = sdp_to_jingle(
+                b_offer, action="session-initiate", sid=sid, initiator=caller
+            )
+            await self._request(caller, callee, b_initiate)
+            async with asyncio.timeout(self.ring_timeout):
+                accept = await session.accepted
+            a_answer = await self.relay.accept(session.call, jingle_to_sdp(accept, role="answer"))
+            a_accept = sdp_to_jingle(
+                a_answer, action="session-accept", sid=sid, initiator=caller, responder=callee
+            )
+            await self._request(callee, caller, a_accept)
+            log.info("call %s from %s to %s anchored in the relay", sid, caller, callee)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("could not anchor call %s from %s to %s: %r", sid, caller, callee, exc)
+            reason = "timeout" if isinstance(exc, TimeoutError) else "failed-application"
+            await self._terminate(session, reason, notify=(caller, callee))
+
+    async def _candidates(self, session: _Session, sender: str, jingle: Any) -> None:
+        call = session.call
+        if call is None:
+            return
+        for content in jingle.iterfind(f"{{{NS_JINGLE}}}content"):
+            for el in content.iterfind(f"{{{NS_ICE_UDP}}}transport/{{{NS_ICE_UDP}}}candidate"):
+                try:
+                    candidate = candidate_from_sdp(candidate_to_sdp(el).removeprefix("candidate:"))
+                    candidate.sdpMid = content.get("name")
+                    await self.relay.add_candidate(call, sender, candidate)
+                except Exception as exc:
+                    log.debug("candidate refused on call %s: %r", session.sid, exc)
+
+    async def _terminate(self, session: _Session, reason: str, notify: tuple[str, ...]) -> None:
+        """End the session: the relay's legs closed, session-terminate sent to ``notify``."""
+        if self.sessions.pop((session.caller, session.callee, session.sid), None) is None:
+            return
+        if not session.accepted.done():
+            session.accepted.cancel()
+        if session.call is not None:
+            await self.relay.hangup(session.call, reason)
+        for party in notify:
+            other = session.callee if party == session.caller else session.caller
+            with contextlib.suppress(Exception):
+                await self._request(other, party, _terminate_element(session, reason))
+
+    async def _relay_ended(self, call: RelayCall, reason: str) -> None:
+        session = self.sessions.get((call.caller, call.callee, call.sid))
+        if session is not None:
+            await self._terminate(session, reason, notify=(call.caller, call.callee))
+
+    async def _request(self, sender: str, to: str, jingle: Any) -> Any:
+        """An iq set from ``sender``'s JID (on its behalf) to ``to``; its answer, or an
+        error."""
+        id_ = new_id()
+        iq = make("iq", type="set", id=id_, from_=sender, to=to)
+        iq.append(jingle)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[id_] = (to, answer)
+        try:
+            await self.router.deliver(iq)
+            async with asyncio.timeout(self.request_timeout):
+                reply = await answer
+        finally:
+            self._requests.pop(id_, None)
+        if reply.get("type") == "error":
+            raise RuntimeError(f"{to} refused {jingle.get('action')}")
+        return reply
+
+
+@dataclass
+class _Session:
+    sid: str
+    caller: str
+    callee: str
+    call: RelayCall | None = None
+    accepted: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def _reason(jingle: Any) -> str | None:
+    reason = jingle.find(f"{{{NS_JINGLE}}}reason")
+    for child in reason if reason is not None else []:
+        if child.tag != f"{{{NS_JINGLE}}}text":
+            return str(child.tag.partition("}")[2])
+    return None
+
+
+def _terminate_element(session: _Session, reason: str) -> Any:
+    jingle = Element(
+        f"{{{NS_JINGLE}}}jingle",
+        {"action": "session-terminate", "sid": session.sid, "initiator": session.caller},
+    )
+    reason_el = Element(f"{{{NS_JINGLE}}}reason")
+    reason_el.append(Element(f"{{{NS_JINGLE}}}{reason}"))
+    jingle.append(reason_el)
+    return jingle
