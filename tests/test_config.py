@@ -182,7 +182,10 @@ def test_config_is_frozen(tmp_path: Path) -> None:
             '[logging]\nlevel = "verbose"',
             'logging.level: expected one of "debug", "info", "warning", "error", got "verbose"',
         ),
-        ("colour = 1", "colour: unknown section (known sections: auth, c2s, http, limits, logging"),
+        (
+            "colour = 1",
+            "colour: unknown section (known sections: auth, c2s, components, http, limits, logging",
+        ),
         ("c2s = 1", "c2s: expected a table, got 1"),
         ("[modules]\nregister = 1", "modules.register: expected a table, got 1"),
     ],

@@ -190,3 +190,20 @@ def test_registration_offered_only_when_enabled_and_passes_credentials() -> None
     stream.registration_failed(events[0].iq, Conflict())
     out = stream.data_to_send()
     assert b"<conflict" in out and b"Calliope" not in out
+
+
+def test_nonzas_of_a_registered_namespace_become_events_after_bind() -> None:
+    """XEP-0352 <inactive/>: offered as a session feature, handed to the shell as a nonza."""
+    csi = "urn:xmpp:csi:0"
+    stream = new_stream(session_features=(f"{{{csi}}}csi",), nonza_namespaces=(csi,))
+    authenticate(stream)
+    events = stream.receive_data(
+        HEADER + b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    assert b'<csi xmlns="urn:xmpp:csi:0"/>' in stream.data_to_send()
+    stream.bind_done(events[0].iq, JID.parse("juliet@example.org/balcony"))
+    events = stream.receive_data(b"<inactive xmlns='urn:xmpp:csi:0'/>")
+    assert len(events) == 1 and isinstance(events[0], st.NonzaReceived)
+    assert events[0].element.tag == "{urn:xmpp:csi:0}inactive"
+    events = stream.receive_data(b"<inactive xmlns='urn:xmpp:other'/>")
+    assert stream.closed and isinstance(events[-1], st.StreamEnded)

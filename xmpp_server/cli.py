@@ -104,7 +104,7 @@ def configure_logging(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``natterd [--config FILE] [run | stun]``: serve until interrupted."""
+    """``natterd [--config FILE] [run | stun | push]``: serve until interrupted."""
     parser = argparse.ArgumentParser(prog="natterd", description="Natter XMPP server")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _config_option(parser, top=True)
@@ -114,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser("stun", help="run only the STUN/TURN server ([stun] section)"),
         top=False,
     )
+    _config_option(
+        commands.add_parser(
+            "push", help="run the XEP-0357 push app server, a component ([pushgate] section)"
+        ),
+        top=False,
+    )
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
     if args.command == "stun":
         return _run_stun(args.config)
+    if args.command == "push":
+        return _run_push(args.config)
     return _run(args.config)
 
 
@@ -169,6 +177,23 @@ def _run_stun(config_path: str | None) -> int:
     except OSError as exc:  # typically: address already in use
         _err("natterd", f"cannot serve STUN: {exc}")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_push(config_path: str | None) -> int:
+    """``natterd push``: the push app server (FCM/APNs), connected to natterd over XEP-0114."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _err("natterd", str(exc))
+        return EXIT_USAGE
+    configure_logging(config)
+    from xmpp_server import pushgate
+
+    try:
+        asyncio.run(pushgate.serve(config))
+    except KeyboardInterrupt:
+        return EXIT_OK
     return EXIT_OK
 
 

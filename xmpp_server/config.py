@@ -376,6 +376,41 @@ class HttpConfig:
     """The base URL clients are given; "" = ``https://<domain>:<tls_port>``."""
 
 
+@dataclass(frozen=True)
+class ComponentEntry:
+    """One external component (XEP-0114): its domain and the secret of its handshake."""
+
+    domain: str = field(default="", metadata={"check": _check_domain})
+    secret: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentsConfig:
+    """XEP-0114 listener for external components (the push app server, gateways)."""
+
+    enabled: bool = False
+    host: tuple[str, ...] = field(default=("127.0.0.1",), metadata={"scalar": True})
+    port: int = field(default=5347, metadata={"min": 0, "max": 65535})
+    services: tuple[ComponentEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class PushGatewayConfig:
+    """``natterd push``: the XEP-0357 app server, a component forwarding to FCM and APNs."""
+
+    domain: str = "push.localhost"
+    server_host: str = "127.0.0.1"
+    server_port: int = field(default=5347, metadata={"min": 1, "max": 65535})
+    secret: str = ""
+    fcm_endpoint: str = "https://fcm.googleapis.com"
+    fcm_project: str = ""
+    fcm_token: str = ""
+    apns_endpoint: str = "https://api.push.apple.com"
+    apns_token: str = ""
+    apns_topic: str = ""
+    timeout: float = field(default=10.0, metadata={"gt": 0})
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -386,6 +421,8 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "stun": StunConfig,
     "http": HttpConfig,
+    "components": ComponentsConfig,
+    "pushgate": PushGatewayConfig,
 }
 
 
@@ -414,6 +451,8 @@ class Config:
     key_path: Path
     env_keys: Mapping[str, str] = field(default_factory=dict)
     """Dotted key → the environment variable that set it, to name it in later errors."""
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    pushgate: PushGatewayConfig = field(default_factory=PushGatewayConfig)
 
     @property
     def domain(self) -> str:
@@ -532,6 +571,8 @@ def build_config(
         cert_path=cert_path,
         key_path=key_path,
         env_keys=dict(env_keys or {}),
+        components=sections["components"],
+        pushgate=sections["pushgate"],
     )
 
 

@@ -81,6 +81,10 @@ class Connection:
         self._flush_pending = False
         self._tokens = float(host.config.c2s.read_burst)
         self._last_refill = time.monotonic()
+        # XEP-0352: while the client says it is inactive, ``host.inactive_policy`` decides
+        # per stanza to send it, hold it (latest presence per sender) or drop it.
+        self.inactive = False
+        self._held: dict[str, tuple[Element, Callable[[], None] | None]] = {}
 
     # -- Session protocol -------------------------------------------------------------
 
@@ -99,6 +103,18 @@ class Connection:
         Output is written once per event-loop pass: everything a connection gets in one
         pass (a burst of messages, a room's broadcasts) goes out in one TLS record and one
         send() instead of one each."""
+        if self.inactive and self.host.inactive_policy is not None:
+            verdict = self.host.inactive_policy(stanza)
+            if verdict != "send":
+                if verdict == "hold":
+                    key = stanza.get("from", "")
+                    old = self._held.pop(key, None)  # the newest goes to the end
+                    self._held[key] = (stanza, on_ack)
+                    if old is not None and old[1] is not None:
+                        old[1]()
+                elif on_ack is not None:
+                    on_ack()
+                return
         sm = self.sm
         if sm is not None:
             if not sm.track(Pending(stanza, on_ack, on_lost)):
@@ -118,6 +134,14 @@ class Connection:
         self._send(stanza, data)
         if on_ack is not None:
             on_ack()
+
+    def set_inactive(self, inactive: bool) -> None:
+        """XEP-0352 ``<inactive/>``/``<active/>``; becoming active sends what was held."""
+        self.inactive = inactive
+        if not inactive:
+            held, self._held = self._held, {}
+            for stanza, on_ack in held.values():
+                self.deliver(stanza, on_ack)
 
     def _send(self, stanza: Element, data: bytes | None) -> None:
         if data is None:
@@ -260,6 +284,7 @@ class Connection:
         self.jid = old.jid
         self.available, self.priority, self.presence = old.available, old.priority, old.presence
         self.interested, self.directed = old.interested, old.directed
+        self.inactive, self._held = old.inactive, old._held
         self.host.router.replace(old, self)
         self.host.resumable[sm.id] = self
         self.bound = True
@@ -329,6 +354,11 @@ class Connection:
                 self._ack_requested = bool(self.sm.queue)
                 if self._ack_requested:
                     asyncio.get_running_loop().call_soon(self._request_ack)
+            elif isinstance(event, st.NonzaReceived):
+                tag = event.element.tag
+                handler = self.host.nonza_handlers.get(tag[1:].partition("}")[0])
+                if handler is not None:
+                    handler(self, event.element)
             elif isinstance(event, st.AckRequested):
                 assert self.sm is not None
                 self.stream.send_ack(self.sm.handled)

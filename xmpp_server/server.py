@@ -9,8 +9,9 @@ import signal
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from xmpp_server import control, sasl, tls
 from xmpp_server.config import Config
@@ -24,10 +25,11 @@ from xmpp_server.router import Router
 from xmpp_server.storage import Storage
 from xmpp_server.stream import StreamSettings
 from xmpp_server.throttle import FailureThrottle
-from xmpp_server.xml import XmlLimits
+from xmpp_server.xml import Element, XmlLimits
 
 if TYPE_CHECKING:
     from stun.service import StunService
+    from xmpp_server.component import ComponentListener
     from xmpp_server.http.server import HttpServer
 
 log = logging.getLogger("natterd")
@@ -53,6 +55,10 @@ class Host:
     # XEP-0198 sessions that may be resumed, by SM id (connected or detached).
     resumable: dict[str, Connection] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Top-level elements after binding (``StreamSettings.nonza_namespaces``), by namespace.
+    nonza_handlers: dict[str, Callable[[Connection, Element], None]] = field(default_factory=dict)
+    # XEP-0352: what an inactive session gets of a stanza (set by the csi module).
+    inactive_policy: Callable[[Element], Literal["send", "hold", "drop"]] | None = None
 
     @property
     def domain(self) -> str:
@@ -102,6 +108,7 @@ class Server:
         self.control: control.ControlServer | None = None
         self.stun: StunService | None = None
         self.http: HttpServer | None = None
+        self.components: ComponentListener | None = None
 
     @classmethod
     async def start(cls, config: Config) -> Server:
@@ -164,8 +171,10 @@ class Server:
             await server._start_stun()
             try:
                 await server._start_http()
+                await server._start_components()
                 await server._listen()
             except BaseException:
+                await server._stop_components()
                 await server._stop_http()
                 await server._stop_stun()
                 raise
@@ -187,6 +196,19 @@ class Server:
             from xmpp_server.http.server import HttpServer
 
             self.http = await HttpServer.start(self.host)
+
+    # XEP-0114 (issue 5): external components such as the `natterd push` app server.
+    async def _start_components(self) -> None:
+        if self.host.config.components.enabled:
+            from xmpp_server.component import ComponentListener
+
+            self.components = ComponentListener(self.host)
+            await self.components.start()
+
+    async def _stop_components(self) -> None:
+        if self.components is not None:
+            await self.components.stop()
+            self.components = None
 
     async def _stop_http(self) -> None:
         if self.http is not None:
@@ -304,6 +326,7 @@ class Server:
                 await conn.end_session()
         while self.host.background:
             await asyncio.gather(*list(self.host.background), return_exceptions=True)
+        await self._stop_components()
         await self._stop_http()
         for module in self.host.modules.values():
             await module.stop()

@@ -90,6 +90,9 @@ class StreamSettings:
     registration: bool = False
     # XEP-0198: offer stream management (acks and resumption).
     stream_management: bool = True
+    # Namespaces of top-level elements (nonzas) a module handles once bound, e.g. XEP-0352
+    # <active/>/<inactive/>: they come out as ``NonzaReceived`` instead of a stream error.
+    nonza_namespaces: tuple[str, ...] = ()
 
 
 # -- events --------------------------------------------------------------------------
@@ -164,6 +167,13 @@ class StanzaReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class NonzaReceived:
+    """A top-level non-stanza element in one of ``StreamSettings.nonza_namespaces``."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnded:
     """The stream is over; close the socket once pending data is written."""
 
@@ -182,6 +192,7 @@ StreamEvent = (
     | AckRequested
     | AckReceived
     | StanzaReceived
+    | NonzaReceived
     | StreamEnded
 )
 
@@ -462,6 +473,9 @@ class Stream:
                 return
             if tag.startswith(_SM_PREFIX) and self.settings.stream_management:
                 self._sm_element(el, events)
+                return
+            if tag[:1] == "{" and tag[1:].partition("}")[0] in self.settings.nonza_namespaces:
+                events.append(NonzaReceived(el))
                 return
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
         if self.phase is Phase.CONNECTED:

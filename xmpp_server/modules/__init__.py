@@ -10,6 +10,7 @@ from xmpp_server.modules.announce import Announce
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
 from xmpp_server.modules.carbons import Carbons
+from xmpp_server.modules.csi import Csi
 from xmpp_server.modules.disco import Disco
 from xmpp_server.modules.extdisco import ExtDisco
 from xmpp_server.modules.jingle import Jingle
@@ -20,6 +21,7 @@ from xmpp_server.modules.offline import Offline
 from xmpp_server.modules.pep import Pep
 from xmpp_server.modules.ping import Ping
 from xmpp_server.modules.presence import Presence
+from xmpp_server.modules.push import Push
 from xmpp_server.modules.register import Register
 from xmpp_server.modules.roster import Roster
 from xmpp_server.modules.session import LegacySession
@@ -55,6 +57,8 @@ MODULES: dict[str, type[Module]] = {
         ExtDisco,
         Pep,
         HttpUpload,
+        Csi,
+        Push,
     )
 }
 

@@ -28,6 +28,7 @@ from .last_activity import LastActivity
 from .migrations import head_revision, is_known_revision, revision_of, upgrade_engine
 from .offline import OfflineMessages
 from .pep import PepNodes, StoredPepItem, StoredPepNode
+from .push import PushRegistrations, StoredPushRegistration
 from .rooms import Affiliation, Rooms, StoredRoom
 from .rosters import RosterItem, Rosters
 from .subscriptions import PendingSubscriptions
@@ -51,6 +52,7 @@ __all__ = [
     "OfflineMessages",
     "PendingSubscriptions",
     "PepNodes",
+    "PushRegistrations",
     "RoomNotFound",
     "Rooms",
     "RosterItem",
@@ -58,6 +60,7 @@ __all__ = [
     "Storage",
     "StoredPepItem",
     "StoredPepNode",
+    "StoredPushRegistration",
     "StoredRoom",
     "UnknownArchiveId",
     "VCards",
@@ -84,6 +87,7 @@ class Storage:
         self.rooms = Rooms(self.sessions, dialect)
         self.pep = PepNodes(self.sessions, dialect)
         self.uploads = Uploads(self.sessions, dialect)
+        self.push = PushRegistrations(self.sessions, dialect)
 
     @classmethod
     async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:

@@ -340,3 +340,18 @@ class UploadedFile(UserRow, Base):
     thumbnail_type: Mapped[str | None] = mapped_column(Text)
     thumbnail_width: Mapped[int | None] = mapped_column(Integer)
     thumbnail_height: Mapped[int | None] = mapped_column(Integer)
+
+
+class PushRegistration(UserRow, Base):
+    """XEP-0357: an app server (``service``, e.g. push.example.org) to notify, under
+    ``node``, when the account gets a message while its devices sleep. ``options`` holds
+    the publish-options form fields the client gave (secret, device type...), sent along
+    with every notification."""
+
+    __tablename__ = "push_registrations"
+    __table_args__ = (PrimaryKeyConstraint("domain", "username", "service", "node"),)
+
+    service: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
