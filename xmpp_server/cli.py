@@ -123,14 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
-    if args.command == "stun":
-        return _run_stun(args.config)
-    if args.command == "push":
-        return _run_push(args.config)
-    return _run(args.config)
+    return _serve(args.config, args.command or "run")
 
 
-def _run(config_path: str | None) -> int:
+def _serve(config_path: str | None, what: str) -> int:
+    """Load the config and run one of natterd's services until a signal stops it:
+    ``run`` (the XMPP server), ``stun`` (the STUN/TURN server alone, whatever ``[stun]
+    enabled`` says) or ``push`` (the XEP-0357 app server, a component of natterd)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -138,11 +137,16 @@ def _run(config_path: str | None) -> int:
         return EXIT_USAGE
     configure_logging(config)
     # Imported here so natterctl and check-config never pay for the whole server.
-    from xmpp_server import server
     from xmpp_server.storage import NotMigrated
 
+    if what == "stun":
+        from stun.service import serve
+    elif what == "push":
+        from xmpp_server.pushgate import serve
+    else:
+        from xmpp_server.server import serve
     try:
-        asyncio.run(server.serve(config))
+        asyncio.run(serve(config))
     except KeyboardInterrupt:
         return EXIT_OK
     except ConfigError as exc:
@@ -152,48 +156,9 @@ def _run(config_path: str | None) -> int:
         _err("natterd", str(exc))
         return EXIT_NOT_MIGRATED
     except OSError as exc:  # typically: address already in use
-        _err("natterd", f"cannot serve: {exc}")
+        label = {"stun": "STUN", "push": "the push app server"}.get(what, "")
+        _err("natterd", f"cannot serve{' ' + label if label else ''}: {exc}")
         return EXIT_FAILED
-    return EXIT_OK
-
-
-def _run_stun(config_path: str | None) -> int:
-    """``natterd stun``: the STUN/TURN server alone, whatever ``[stun] enabled`` says."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        _err("natterd", str(exc))
-        return EXIT_USAGE
-    configure_logging(config)
-    from stun import service
-
-    try:
-        asyncio.run(service.serve(config))
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except ConfigError as exc:
-        _err("natterd", str(config.explain(exc)))
-        return EXIT_USAGE
-    except OSError as exc:  # typically: address already in use
-        _err("natterd", f"cannot serve STUN: {exc}")
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _run_push(config_path: str | None) -> int:
-    """``natterd push``: the push app server (FCM/APNs), connected to natterd over XEP-0114."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        _err("natterd", str(exc))
-        return EXIT_USAGE
-    configure_logging(config)
-    from xmpp_server import pushgate
-
-    try:
-        asyncio.run(pushgate.serve(config))
-    except KeyboardInterrupt:
-        return EXIT_OK
     return EXIT_OK
 
 
