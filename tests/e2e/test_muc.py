@@ -3,8 +3,9 @@ with MAM (xep_0313), data forms (xep_0004) and MUC self-ping (xep_0410), on both
 
 from __future__ import annotations
 
+import contextlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,17 @@ async def create_room(
     return presence
 
 
+@contextlib.asynccontextmanager
+async def online(
+    server: Any, *names: str
+) -> AsyncIterator[tuple[tuple[str, ...], tuple[MucClient, ...]]]:
+    """Users ``names`` on ``server``, logged in with MUC clients: (their JIDs, their clients)."""
+    jids = tuple([await add_user(server, name) for name in names])
+    async with clients(*(MucClient(server, jid) for jid in jids)) as items:
+        await logged_in(*items)
+        yield jids, items
+
+
 async def affiliated(client: MucClient, room: str, affiliation: str) -> list[str]:
     """The bare JIDs on a room's affiliation list, sorted (XEP-0045 §9.5, §10.5)."""
     items = await client.muc.get_affiliation_list(room, affiliation, timeout=TIMEOUT)
@@ -297,9 +309,7 @@ async def test_room_is_locked_until_the_owner_configures_it(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             created = await enter(alice, ROOM, "alice")
             assert {110, 201} <= codes(created)
             assert await refused(bob, ROOM, "bob") == "item-not-found"  # §10.1.1
@@ -344,9 +354,7 @@ async def test_presence_without_muc_element_creates_an_instant_room(
 ) -> None:
     """§10.1.1: an old groupchat 1.0 client's plain presence makes an unlocked room."""
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             alice.send_presence(pto=occupant(ROOM, "alice"))
             own = await next_matching(alice.room_presences, presence_from(ROOM, "alice", code=110))
             assert own["muc"]["affiliation"] == "owner"
@@ -358,9 +366,7 @@ async def test_presence_without_muc_element_creates_an_instant_room(
 
 async def test_members_only_room_refuses_non_members(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice", {MEMBERS_ONLY: "1"})
             assert await refused(bob, ROOM, "bob") == "registration-required"  # §7.2.7
             await alice.muc.set_affiliation(ROOM, "member", jid=c, timeout=TIMEOUT)
@@ -375,9 +381,7 @@ async def test_outcast_is_refused_and_a_present_one_is_removed(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, m = [await add_user(server, name) for name in ("alice", "bob", "mallory")]
-        async with clients(*(MucClient(server, j) for j in (a, b, m))) as (alice, bob, mallory):
-            await logged_in(alice, bob, mallory)
+        async with online(server, "alice", "bob", "mallory") as ((a, b, m), (alice, bob, mallory)):
             await create_room(alice, ROOM, "alice")
             await join(mallory, ROOM, "mallory")
             await join(bob, ROOM, "bob")
@@ -400,9 +404,7 @@ async def test_participant_cannot_kick_but_moderator_can(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             await join(carol, ROOM, "carol")
@@ -430,9 +432,7 @@ async def test_participant_cannot_kick_but_moderator_can(
 
 async def test_password_protected_room(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             await create_room(
                 alice, ROOM, "alice", {PASSWORD_PROTECTED: "1", SECRET: "open sesame"}
             )
@@ -448,9 +448,7 @@ async def test_semi_anonymous_room_shows_real_jids_to_moderators_only(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice", {WHOIS: "moderators"})
             own, *_ = await join(bob, ROOM, "bob")
             assert 100 not in codes(own)
@@ -594,9 +592,7 @@ async def test_mediated_invitation_to_members_only_room_makes_a_member(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, c, d = [await add_user(server, name) for name in ("alice", "carol", "dave")]
-        async with clients(*(MucClient(server, j) for j in (a, c, d))) as (alice, carol, dave):
-            await logged_in(alice, carol, dave)
+        async with online(server, "alice", "carol", "dave") as ((a, c, d), (alice, carol, dave)):
             await create_room(alice, ROOM, "alice", {MEMBERS_ONLY: "1"})
             alice.muc.invite(ROOM, c, reason="come along")
             invitation = await next_matching(
@@ -628,9 +624,7 @@ async def test_mediated_invitation_to_members_only_room_makes_a_member(
 
 async def test_private_messages_between_occupants(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             await join(carol, ROOM, "carol")
@@ -662,9 +656,7 @@ async def test_subject_change_is_seen_by_all_and_by_newcomers(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             alice.muc.set_subject(ROOM, "Plans for Friday")
@@ -682,9 +674,7 @@ async def test_groupchat_from_a_non_occupant_is_refused(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, c = await add_user(server, "alice"), await add_user(server, "carol")
-        async with clients(MucClient(server, a), MucClient(server, c)) as (alice, carol):
-            await logged_in(alice, carol)
+        async with online(server, "alice", "carol") as ((a, c), (alice, carol)):
             await create_room(alice, ROOM, "alice")
             carol.send_message(mto=ROOM, mbody="let me in", mtype="groupchat")
             error = await next_matching(carol.messages, lambda msg: msg["type"] == "error")
@@ -698,9 +688,7 @@ async def test_groupchat_from_a_non_occupant_is_refused(
 async def test_owner_destroys_the_room(migrated_db_url: str, tmp_path: Path) -> None:
     other = f"elsewhere@{SERVICE}"
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             await create_room(alice, ROOM, "alice", {PERSISTENT: "1"})
             await join(bob, ROOM, "bob")
             assert await iq_error(bob.muc.destroy(ROOM, timeout=TIMEOUT)) == "forbidden"  # §10.9
@@ -726,9 +714,7 @@ async def test_service_discovery_of_the_service_and_its_public_rooms(
 ) -> None:
     lobby, hidden = f"lobby@{SERVICE}", f"hidden@{SERVICE}"
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             info = (await room_info(bob, SERVICE))["disco_info"]
             assert ("conference", "text") in {i[:2] for i in info["identities"]}
             assert NS_MUC in info["features"]
@@ -757,9 +743,7 @@ async def test_the_server_lists_its_muc_service(migrated_db_url: str, tmp_path: 
 
 async def test_self_ping_answers_while_joined_only(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             self_ping = bob.plugin["xep_0410"]
@@ -780,9 +764,7 @@ async def test_nick_in_use_is_refused_and_presence_changes_are_broadcast(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             assert await refused(carol, ROOM, "bob") == "conflict"  # §7.2.9
@@ -849,9 +831,7 @@ async def test_occupant_whose_connection_drops_leaves_the_room(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             await join(carol, ROOM, "carol")
@@ -866,9 +846,7 @@ async def test_visitors_of_a_moderated_room_need_voice(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b = await add_user(server, "alice"), await add_user(server, "bob")
-        async with clients(MucClient(server, a), MucClient(server, b)) as (alice, bob):
-            await logged_in(alice, bob)
+        async with online(server, "alice", "bob") as ((a, b), (alice, bob)):
             await create_room(alice, ROOM, "alice", {"muc#roomconfig_moderatedroom": "1"})
             own, *_ = await join(bob, ROOM, "bob")
             assert own["muc"]["role"] == "visitor"  # §5.1.2
@@ -892,9 +870,7 @@ async def test_visitors_of_a_moderated_room_need_voice(
 
 async def test_full_room_refuses_newcomers(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice", {"muc#roomconfig_maxusers": "2"})
             await join(bob, ROOM, "bob")
             assert await refused(carol, ROOM, "carol") == "service-unavailable"  # §7.2.10
@@ -909,9 +885,7 @@ async def test_configuration_is_for_owners_and_changes_are_announced(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice", {WHOIS: "moderators"})
             await join(bob, ROOM, "bob")
             await join(carol, ROOM, "carol")
@@ -952,9 +926,7 @@ async def test_granted_affiliations_change_roles_in_view_of_everyone(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             await create_room(alice, ROOM, "alice")
             await join(bob, ROOM, "bob")
             await join(carol, ROOM, "carol")
@@ -986,9 +958,7 @@ async def test_archive_is_for_those_who_may_read_the_room(
 ) -> None:
     closed = f"closed@{SERVICE}"
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, b, c = [await add_user(server, name) for name in ("alice", "bob", "carol")]
-        async with clients(*(MucClient(server, j) for j in (a, b, c))) as (alice, bob, carol):
-            await logged_in(alice, bob, carol)
+        async with online(server, "alice", "bob", "carol") as ((a, b, c), (alice, bob, carol)):
             # A members-only room's archive is not for outsiders.
             await create_room(alice, closed, "alice", {MEMBERS_ONLY: "1"})
             alice.send_message(mto=closed, mbody="members' secret", mtype="groupchat")
@@ -1014,9 +984,7 @@ async def test_recreated_room_does_not_inherit_the_old_rooms_archive(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, m = await add_user(server, "alice"), await add_user(server, "mallory")
-        async with clients(MucClient(server, a), MucClient(server, m)) as (alice, mallory):
-            await logged_in(alice, mallory)
+        async with online(server, "alice", "mallory") as ((a, m), (alice, mallory)):
             await create_room(alice, ROOM, "alice", {PERSISTENT: "1", MEMBERS_ONLY: "1"})
             alice.send_message(mto=ROOM, mbody="old secret", mtype="groupchat")
             await next_matching(alice.messages, live(ROOM, "old secret"))
@@ -1064,9 +1032,7 @@ async def test_direct_invitation_to_members_only_room_makes_a_member(
     """XEP-0249: an owner's direct invitation (user to user, not through the room) admits the
     invitee to a members-only room; a plain member's does not (no muc#roomconfig_allowinvites)."""
     async with running_server(migrated_db_url, tmp_path) as server:
-        a, c, d = [await add_user(server, name) for name in ("alice", "carol", "dave")]
-        async with clients(*(MucClient(server, j) for j in (a, c, d))) as (alice, carol, dave):
-            await logged_in(alice, carol, dave)
+        async with online(server, "alice", "carol", "dave") as ((a, c, d), (alice, carol, dave)):
             await create_room(alice, ROOM, "alice", {MEMBERS_ONLY: "1"})
 
             def direct_invite(sender: MucClient, to: str) -> None:
