@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import hmac
 import importlib.util
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET
 
 from stun.credentials import turn_credentials
-from tests.e2e.harness import Client, add_user, clients, running_server
+from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
 from xmpp_server.config import ConfigError, build_config
 from xmpp_server.modules import validate_module_options
 from xmpp_server.modules.extdisco import ExtDisco, ExtDiscoOptions
@@ -32,23 +31,8 @@ SECRET = "extdisco test secret"
 TTL = 3600
 
 
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
 def stun_overrides(**extra: Any) -> dict[str, dict[str, Any]]:
-    port = free_port()
+    port = free_udp_tcp_port()
     stun = {
         "enabled": True,
         "host": ["127.0.0.1"],
@@ -103,7 +87,7 @@ def check_credential(
 
 
 async def test_services_with_fresh_turn_credentials(migrated_db_url: str, tmp_path: Path) -> None:
-    overrides = stun_overrides(tls_port=free_port())
+    overrides = stun_overrides(tls_port=free_udp_tcp_port())
     port, tls_port = overrides["stun"]["udp_port"], overrides["stun"]["tls_port"]
     async with running_server(migrated_db_url, tmp_path, overrides) as server:
         a, b = await add_user(server, "alice"), await add_user(server, "bob")

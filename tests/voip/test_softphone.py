@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceTransport
 from slixmpp.exceptions import IqError
 
-from tests.e2e.harness import Client, add_user, clients, running_server
+from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
 from voip.jingle import NS_JINGLE, transport_info
 from voip.softphone import (
     NS_EXTDISCO,
@@ -36,9 +35,7 @@ RECORD_SECONDS = 1.0
 def test_dominant_frequency_of_a_pure_tone() -> None:
     t = np.arange(48000) / 48000
     assert dominant_frequency(np.sin(2 * np.pi * 440.0 * t)) == pytest.approx(440.0, abs=0.5)
-    assert dominant_frequency(np.sin(2 * np.pi * 1234.5 * t[:9600])) == pytest.approx(
-        1234.5, abs=2
-    )
+    assert dominant_frequency(np.sin(2 * np.pi * 1234.5 * t[:9600])) == pytest.approx(1234.5, abs=2)
 
 
 async def test_tone_track_makes_48khz_frames_in_sequence() -> None:
@@ -216,21 +213,6 @@ async def test_rejected_retracted_and_unknown_sessions(sqlite_url: str, tmp_path
                 await bob_phone.close()
             assert alice_phone.calls == bob_phone.calls == {}
             assert open_peer_connections() == []
-
-
-def free_udp_tcp_port() -> int:
-    """A loopback port free for both UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 async def test_call_uses_stun_and_turn_discovered_with_extdisco(
