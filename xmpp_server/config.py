@@ -404,9 +404,18 @@ class PushGatewayConfig:
     secret: str = ""
     fcm_endpoint: str = "https://fcm.googleapis.com"
     fcm_project: str = ""
+    """Firebase project id; "" = the ``project_id`` of the service account."""
+    fcm_service_account: str = ""
+    """Google service-account key file (JSON); the gateway gets OAuth 2 tokens with it."""
     fcm_token: str = ""
+    """A fixed bearer token, used only without ``fcm_service_account`` (tests, legacy)."""
     apns_endpoint: str = "https://api.push.apple.com"
+    apns_key_file: str = ""
+    """APNs auth key (``AuthKey_<id>.p8``); the gateway signs its provider tokens with it."""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
     apns_token: str = ""
+    """A fixed provider token, used only without ``apns_key_file`` (tests, legacy)."""
     apns_topic: str = ""
     timeout: float = field(default=10.0, metadata={"gt": 0})
 
@@ -555,6 +564,19 @@ def build_config(
         cert_path, key_path = resolve(tls.cert_file), resolve(tls.key_file)
     else:
         cert_path, key_path = _default_tls_paths(data_dir, server.domain)
+    pushgate: PushGatewayConfig = sections["pushgate"]
+    if pushgate.apns_key_file:
+        for name in ("apns_key_id", "apns_team_id"):
+            if not getattr(pushgate, name):
+                raise ConfigError(
+                    "must be set when pushgate.apns_key_file is set", f"pushgate.{name}"
+                )
+    pushgate = dataclasses.replace(
+        pushgate,
+        fcm_service_account=pushgate.fcm_service_account
+        and str(resolve(pushgate.fcm_service_account)),
+        apns_key_file=pushgate.apns_key_file and str(resolve(pushgate.apns_key_file)),
+    )
     return Config(
         server=server,
         storage=storage,
@@ -572,7 +594,7 @@ def build_config(
         key_path=key_path,
         env_keys=dict(env_keys or {}),
         components=sections["components"],
-        pushgate=sections["pushgate"],
+        pushgate=pushgate,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.e2e.harness import (
     DOMAIN,
@@ -24,11 +27,20 @@ from tests.e2e.harness import (
     running_server,
 )
 from tests.e2e.test_stream_management import cut, detached
+from tests.test_push_auth import (
+    EMAIL,
+    FakeClock,
+    pem,
+    rsa_key,
+    service_account_json,
+    verify_jwt,
+)
 from xmpp_server.cli import main
 from xmpp_server.component import ComponentAuthenticated, ComponentStream, handshake_digest
 from xmpp_server.config import PushGatewayConfig
 from xmpp_server.jid import JID
-from xmpp_server.pushgate import Forwarder, Notification, PushGateway
+from xmpp_server.push_auth import FCM_SCOPE, JWT_BEARER_GRANT
+from xmpp_server.pushgate import Credentials, Forwarder, Notification, PushFailed, PushGateway
 from xmpp_server.server import Server
 
 PUSH = f"push.{DOMAIN}"
@@ -37,8 +49,11 @@ TOKEN = "device-token-1"
 
 
 @contextlib.asynccontextmanager
-async def fake_fcm() -> AsyncIterator[tuple[str, Mailbox]]:
-    """A local stand-in for FCM HTTP v1: records every request, answers 200."""
+async def fake_fcm(
+    answers: list[tuple[int, dict[str, Any]]] | None = None,
+) -> AsyncIterator[tuple[str, Mailbox]]:
+    """A local stand-in for FCM HTTP v1 (and APNs): records every request, answers 200,
+    or the next of ``answers`` (status, JSON body) while there are some."""
     received = Mailbox()
 
     async def send(request: web.Request) -> web.Response:
@@ -50,6 +65,9 @@ async def fake_fcm() -> AsyncIterator[tuple[str, Mailbox]]:
                 "json": await request.json(),
             }
         )
+        if answers:
+            status, body = answers.pop(0)
+            return web.json_response(body, status=status)
         return web.json_response({"name": "projects/natter-test/messages/1"})
 
     app = web.Application()
@@ -273,20 +291,38 @@ def test_component_for_an_unknown_domain_is_refused(to: str) -> None:
     assert stream.closed and b"host-unknown" in stream.data_to_send()
 
 
-async def test_apns_messages_are_alerts_and_calls_voip_pushes() -> None:
+def apns_key_file(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
+    """A fresh APNs auth key, written as the .p8 file Apple's developer portal hands out."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "AuthKey_ABC123DEFG.p8"
+    path.write_text(pem(key))
+    return key, path
+
+
+async def test_apns_messages_are_alerts_and_calls_voip_pushes(tmp_path: Path) -> None:
+    key, key_file = apns_key_file(tmp_path)
+    clock = FakeClock(time.time())
     async with fake_fcm() as (url, received):
-        config = PushGatewayConfig(apns_endpoint=url, apns_token="jwt", apns_topic="org.natter")
-        forwarder = Forwarder(config)
+        config = PushGatewayConfig(
+            apns_endpoint=url,
+            apns_key_file=str(key_file),
+            apns_key_id="ABC123DEFG",
+            apns_team_id="TEAM4567",
+            apns_topic="org.natter",
+        )
+        forwarder = Forwarder(config, Credentials.load(config, clock))
         try:
             message = {"message-count": "3", "last-message-sender": "alice@localhost"}
             await forwarder.send(Notification("tok1", "apns", message, {}))
+            clock.now += 49 * 60  # still within the 50 minutes a provider token is reused
             call = {**message, "last-message-priority": "high", "call-id": "c1"}
             await forwarder.send(Notification("tok1", "apns", call, {}))
+            clock.now += 60
+            await forwarder.send(Notification("tok1", "apns", message, {}))
         finally:
             await forwarder.close()
-        alert, voip = received.items
+        alert, voip, later = received.items
         assert alert["path"] == voip["path"] == "/3/device/tok1"
-        assert alert["auth"] == "bearer jwt"
         assert alert["headers"]["apns-push-type"] == "alert"
         assert alert["headers"]["apns-topic"] == "org.natter"
         assert alert["json"]["aps"]["alert"] == {"title": "alice@localhost", "body": "New message"}
@@ -295,7 +331,248 @@ async def test_apns_messages_are_alerts_and_calls_voip_pushes() -> None:
         assert voip["headers"]["apns-topic"] == "org.natter.voip"
         assert voip["json"]["type"] == "call" and voip["json"]["call_id"] == "c1"
 
+        # The provider token: an ES256 JWT from the .p8 key, reused, then signed again.
+        scheme, jwt = alert["auth"].split(" ")
+        assert scheme == "bearer" and voip["auth"] == alert["auth"]
+        header, claims = verify_jwt(jwt, key.public_key())
+        assert header == {"alg": "ES256", "kid": "ABC123DEFG"}
+        assert claims == {"iss": "TEAM4567", "iat": int(clock.now) - 50 * 60}
+        assert later["auth"] != alert["auth"]
+        _, claims = verify_jwt(later["auth"].removeprefix("bearer "), key.public_key())
+        assert claims["iat"] == int(clock.now)
+
+
+async def test_apns_expired_provider_token_is_signed_again_once(tmp_path: Path) -> None:
+    key, key_file = apns_key_file(tmp_path)
+    expired = (403, {"reason": "ExpiredProviderToken"})
+    answers = [expired]
+    async with fake_fcm(answers) as (url, received):
+        config = PushGatewayConfig(
+            apns_endpoint=url,
+            apns_key_file=str(key_file),
+            apns_key_id="K",
+            apns_team_id="T",
+            apns_topic="org.natter",
+        )
+        forwarder = Forwarder(config)
+        try:
+            note = Notification("tok1", "apns", {"message-count": "1"}, {})
+            await forwarder.send(note)  # refused, signed again, accepted
+            first, retried = received.items
+            assert first["auth"] != retried["auth"]
+            for post in (first, retried):
+                verify_jwt(post["auth"].removeprefix("bearer "), key.public_key())
+            await forwarder.send(note)
+            assert received.items[2]["auth"] == retried["auth"]  # the new one is kept
+
+            answers += [expired, expired]
+            with pytest.raises(PushFailed, match="ExpiredProviderToken") as failed:
+                await forwarder.send(note)  # refused twice in a row: no loop
+            assert not failed.value.gone
+            assert len(received.items) == 5
+        finally:
+            await forwarder.close()
+
+    # A fixed token (apns_token) cannot be renewed: the refusal is final.
+    async with fake_fcm([expired]) as (url, received):
+        config = PushGatewayConfig(apns_endpoint=url, apns_token="jwt", apns_topic="org.natter")
+        forwarder = Forwarder(config)
+        try:
+            with pytest.raises(PushFailed):
+                await forwarder.send(note)
+        finally:
+            await forwarder.close()
+        assert [post["auth"] for post in received.items] == ["bearer jwt"]
+
+
+# ------------------------------------------------------------------ FCM with a service account
+
+TOKEN_LIFETIME = 600  # seconds; Google's are an hour, a short one shows the refresh
+
+
+class FakeGoogle:
+    """Google's OAuth 2 token endpoint and FCM HTTP v1 on one local port. The token endpoint
+    checks an assertion as Google does (signature with the service account's public key,
+    issuer, scope, audience, lifetime) and hands out short-lived tokens; FCM accepts only a
+    bearer token that was handed out and not revoked since."""
+
+    def __init__(self, public_key: rsa.RSAPublicKey) -> None:
+        self.public_key = public_key
+        self.url = ""
+        self.issued: list[str] = []  # access tokens, in order
+        self.revoked: set[str] = set()
+        self.refused_assertions = 0
+        self.pushes = Mailbox()  # {"path", "token", "status", "json"}
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        try:
+            assert request.content_type == "application/x-www-form-urlencoded"
+            assert form["grant_type"] == JWT_BEARER_GRANT
+            _, claims = verify_jwt(str(form["assertion"]), self.public_key)
+            assert claims["iss"] == EMAIL and claims["scope"] == FCM_SCOPE
+            assert claims["aud"] == f"{self.url}/token"
+            assert claims["exp"] - claims["iat"] == 3600
+        except (AssertionError, KeyError, ValueError, InvalidSignature):
+            self.refused_assertions += 1
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        self.issued.append(f"ya29.fake-{len(self.issued) + 1}")
+        return web.json_response(
+            {"access_token": self.issued[-1], "expires_in": TOKEN_LIFETIME, "token_type": "Bearer"}
+        )
+
+    async def send(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ")
+        valid = auth.startswith("Bearer ") and token in self.issued and token not in self.revoked
+        status = 200 if valid else 401
+        self.pushes.put_nowait(
+            {"path": request.path, "token": token, "status": status, "json": await request.json()}
+        )
+        if not valid:
+            return web.json_response({"error": {"status": "UNAUTHENTICATED"}}, status=401)
+        return web.json_response({"name": "projects/natter-test/messages/1"})
+
+
+@contextlib.asynccontextmanager
+async def fake_google(public_key: rsa.RSAPublicKey) -> AsyncIterator[FakeGoogle]:
+    google = FakeGoogle(public_key)
+    app = web.Application()
+    app.router.add_post("/token", google.token)
+    app.router.add_post("/v1/projects/{project}/messages:send", google.send)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    google.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield google
+    finally:
+        await runner.cleanup()
+
+
+def service_account_file(tmp_path: Path, key: rsa.RSAPrivateKey, google: FakeGoogle) -> Path:
+    path = tmp_path / "service-account.json"
+    path.write_text(service_account_json(key, f"{google.url}/token", "natter-test"))
+    return path
+
+
+async def test_fcm_token_comes_from_the_service_account_and_is_refreshed(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """natterd → component → FCM with an access token the gateway fetched itself: reused while
+    fresh, fetched again once it expires and once when FCM refuses it."""
+    key = rsa_key()
+    clock = FakeClock(time.time())
+    overrides = {
+        "components": {"enabled": True, "port": 0, "services": [{"domain": PUSH, "secret": SECRET}]}
+    }
+    async with (
+        fake_google(key.public_key()) as google,
+        running_server(migrated_db_url, tmp_path, overrides) as server,
+    ):
+        assert server.components is not None
+        config = PushGatewayConfig(
+            domain=PUSH,
+            server_port=server.components.port,
+            secret=SECRET,
+            fcm_endpoint=google.url,
+            fcm_service_account=str(service_account_file(tmp_path, key, google)),
+        )  # no fcm_project: the service account's project_id
+        gateway = PushGateway(config, Forwarder(config, Credentials.load(config, clock)))
+        await gateway.start()
+        a, b = await add_user(server, "alice"), await add_user(server, "bob")
+        try:
+            async with clients(Client(server, a), Client(server, b)) as (alice, bob):
+                await alice.login()
+                await bob.login()
+                await enable(bob)
+                await bob.close()
+
+                async def push(count: int) -> dict[str, Any]:
+                    alice.send_message(mto=b, mbody=f"message {count}", mtype="chat")
+                    post: dict[str, Any] = await next_matching(google.pushes, lambda _: True)
+                    assert post["json"]["message"]["data"]["message_count"] == str(count)
+                    return post
+
+                # (a) The first push fetches a token and carries it; the next reuses it.
+                post = await push(1)
+                assert post["path"] == "/v1/projects/natter-test/messages:send"
+                assert (post["token"], post["status"]) == ("ya29.fake-1", 200)
+                post = await push(2)
+                assert (post["token"], post["status"]) == ("ya29.fake-1", 200)
+
+                # (b) Once it has (nearly) expired, the next push fetches a new one.
+                clock.now += TOKEN_LIFETIME
+                post = await push(3)
+                assert (post["token"], post["status"]) == ("ya29.fake-2", 200)
+
+                # (c) FCM refuses it: exactly one new token and one retry.
+                google.revoked.add("ya29.fake-2")
+                refused = await push(4)
+                assert (refused["token"], refused["status"]) == ("ya29.fake-2", 401)
+                retried = await next_matching(google.pushes, lambda _: True)
+                assert (retried["token"], retried["status"]) == ("ya29.fake-3", 200)
+                assert retried["json"] == refused["json"]
+                await nothing_more(google.pushes, 5)
+                assert google.issued == ["ya29.fake-1", "ya29.fake-2", "ya29.fake-3"]
+                assert google.refused_assertions == 0
+                assert gateway.sent == 4
+        finally:
+            await gateway.stop()
+
+
+async def test_concurrent_fcm_pushes_share_one_token_fetch(tmp_path: Path) -> None:
+    key = rsa_key()
+    async with fake_google(key.public_key()) as google:
+        config = PushGatewayConfig(
+            fcm_endpoint=google.url,
+            fcm_service_account=str(service_account_file(tmp_path, key, google)),
+        )
+        forwarder = Forwarder(config)
+        notes = [Notification(f"tok{i}", "fcm", {"message-count": "1"}, {}) for i in range(6)]
+        try:
+            await asyncio.gather(*(forwarder.send(n) for n in notes))
+            assert google.issued == ["ya29.fake-1"]
+            google.revoked.add("ya29.fake-1")
+            await asyncio.gather(*(forwarder.send(n) for n in notes))  # all refused at once
+            assert google.issued == ["ya29.fake-1", "ya29.fake-2"]
+        finally:
+            await forwarder.close()
+        tokens = [(p["token"], p["status"]) for p in google.pushes.items]
+        assert tokens[:6] == [("ya29.fake-1", 200)] * 6
+        assert sorted(tokens[6:]) == [("ya29.fake-1", 401)] * 6 + [("ya29.fake-2", 200)] * 6
+
+
+async def test_fcm_token_endpoint_refusal_fails_the_push(tmp_path: Path) -> None:
+    """A key Google does not know: the push fails (service-unavailable), FCM is not tried."""
+    async with fake_google(rsa_key().public_key()) as google:
+        config = PushGatewayConfig(
+            fcm_endpoint=google.url,
+            fcm_service_account=str(service_account_file(tmp_path, rsa_key(), google)),
+        )
+        forwarder = Forwarder(config)
+        try:
+            with pytest.raises(PushFailed, match="invalid_grant") as failed:
+                await forwarder.send(Notification("tok1", "fcm", {}, {}))
+        finally:
+            await forwarder.close()
+        assert not failed.value.gone
+        assert google.refused_assertions == 1 and google.pushes.items == []
+
 
 def test_natterd_push_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["push", "--help"]) == 0
     assert "push" in capsys.readouterr().out
+
+
+def test_natterd_push_stops_on_a_bad_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The key files are read once at start; a wrong one is a configuration error (exit 2)."""
+    (tmp_path / "google.json").write_text("{}")
+    config = tmp_path / "natterd.toml"
+    config.write_text('[pushgate]\nfcm_service_account = "google.json"\n')
+    assert main(["push", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"pushgate.fcm_service_account: {tmp_path / 'google.json'}: no 'client_email'" in err
