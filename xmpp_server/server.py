@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("natterd")
 
 STOP_TIMEOUT = 10.0  # seconds connections get to wind down on shutdown
+# Connections the kernel may queue before accept(); asyncio's default of 100 overflows in a
+# login burst, and each dropped SYN costs that client a 1 s (then 3 s, 7 s) retransmission.
+# The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Server:
         try:
             cert, key = tls.ensure_certificate(config)
             context = tls.server_context(cert, key, config.tls.min_version)
+            tls.limit_asyncio_tls_buffers()
             bindings = sasl.ChannelBindings(
                 {"tls-server-end-point": sasl.tls_server_end_point(tls.certificate_der(cert))}
             )
@@ -245,7 +250,9 @@ class Server:
         c2s = self.host.config.c2s
         hosts: Any = c2s.host
         self._servers.append(
-            await asyncio.start_server(self._accept_plain, hosts, c2s.port, limit=1 << 20)
+            await asyncio.start_server(
+                self._accept_plain, hosts, c2s.port, limit=1 << 20, backlog=LISTEN_BACKLOG
+            )
         )
         if c2s.direct_tls:
             self._servers.append(
@@ -256,6 +263,7 @@ class Server:
                     ssl=self.host.ssl_context,
                     ssl_handshake_timeout=30,
                     limit=1 << 20,
+                    backlog=LISTEN_BACKLOG,
                 )
             )
         for srv in self._servers:
