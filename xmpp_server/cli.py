@@ -27,6 +27,7 @@ from xmpp_server.jid import JID
 
 if TYPE_CHECKING:
     from voip.console import CallReport, PhoneOptions
+    from xmpp_server.blobs import BlobStore
     from xmpp_server.modules.muc import MucOptions
     from xmpp_server.storage import Storage
 
@@ -232,6 +233,19 @@ def _ctl_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="age in days (default: modules.upload.expire_days)",
     )
+
+    stickers = commands.add_parser(
+        "stickers", help="manage the server's sticker packs (XEP-0449)"
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    cmd = command(
+        stickers, "import", _stickers_import, "publish a directory of images as a server pack"
+    )
+    cmd.add_argument("directory", metavar="DIR", help="the images (png, webp, gif, ...)")
+    cmd.add_argument("--name", required=True, help="the pack's name")
+    cmd.add_argument("--summary", help="a description, copyright or licence")
+    command(stickers, "list", _stickers_list, "list the server's sticker packs")
+    cmd = command(stickers, "remove", _stickers_remove, "remove a server pack and its files")
+    cmd.add_argument("pack", metavar="PACK_ID", help="as `stickers list` shows it")
 
     room = commands.add_parser(
         "room", help="manage group chat rooms (applied live when natterd runs)"
@@ -724,6 +738,97 @@ def _uploads_purge(args: argparse.Namespace, config: Config) -> int:
             _out(f"purged {purged} unused upload slots (files are kept: expire_days = 0)")
         else:
             _out(f"purged {purged} uploads older than {days} days")
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _sticker_blobs(config: Config) -> BlobStore:
+    """The upload module's blob store: server packs keep their files where uploads do."""
+    from xmpp_server.config import parse_options
+    from xmpp_server.modules.upload import UploadOptions, open_blobs
+
+    raw = dict(config.modules.get("upload", {}))
+    raw.pop("enabled", None)
+    try:
+        return open_blobs(config, parse_options(UploadOptions, raw, "modules.upload"))
+    except ConfigError as exc:
+        raise config.explain(exc) from None
+
+
+def _stickers_import(args: argparse.Namespace, config: Config) -> int:
+    from pathlib import Path
+
+    from xmpp_server.blobs import BlobError
+    from xmpp_server.modules.stickers import import_pack
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        _fail(EXIT_USAGE, f"not a directory: {directory}")
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+
+    async def run() -> int:
+        blobs = _sticker_blobs(config)
+        try:
+            async with _storage(config) as storage:
+                pack, count = await import_pack(
+                    storage,
+                    blobs,
+                    config.domain,
+                    config.http_public_url,
+                    files,
+                    args.name,
+                    args.summary,
+                )
+        except ValueError as exc:
+            _fail(EXIT_USAGE, f"{directory}: {exc}")
+        except (BlobError, OSError) as exc:
+            _fail(EXIT_FAILED, f"cannot store the stickers: {exc}")
+        finally:
+            await blobs.close()
+        _out(f"published pack {pack} ({count} stickers) on {config.domain}")
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _stickers_list(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.modules.stickers import NS_STICKERS, server_packs
+    from xmpp_server.stanza import qn
+
+    async def run() -> int:
+        async with _storage(config) as storage:
+            packs = await server_packs(storage, config.domain)
+        for pack_id, pack in packs:
+            if pack is None:
+                _out(f"{pack_id}\t(damaged)")
+                continue
+            name = pack.findtext(qn(NS_STICKERS, "name"), "")
+            count = len(pack.findall(qn(NS_STICKERS, "item")))
+            _out(f"{pack_id}\t{count} stickers\t{name}")
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _stickers_remove(args: argparse.Namespace, config: Config) -> int:
+    from xmpp_server.blobs import BlobError
+    from xmpp_server.modules.stickers import remove_pack
+
+    async def run() -> int:
+        blobs = _sticker_blobs(config)
+        try:
+            async with _storage(config) as storage:
+                removed = await remove_pack(
+                    storage, blobs, config.domain, config.http_public_url, args.pack
+                )
+        except BlobError as exc:
+            _fail(EXIT_FAILED, f"blob storage: {exc}")
+        finally:
+            await blobs.close()
+        if not removed:
+            _fail(EXIT_FAILED, f"no such pack: {args.pack}")
+        _out(f"removed pack {args.pack}")
         return EXIT_OK
 
     return asyncio.run(run())

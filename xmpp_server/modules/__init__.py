@@ -26,6 +26,7 @@ from xmpp_server.modules.register import Register
 from xmpp_server.modules.roster import Roster
 from xmpp_server.modules.session import LegacySession
 from xmpp_server.modules.stanza_id import StanzaId
+from xmpp_server.modules.stickers import Stickers
 from xmpp_server.modules.upload import HttpUpload
 from xmpp_server.modules.vcard import VCard
 from xmpp_server.modules.version import Version
@@ -57,6 +58,7 @@ MODULES: dict[str, type[Module]] = {
         ExtDisco,
         Pep,
         HttpUpload,
+        Stickers,  # after Pep: listens to its sticker nodes
         Csi,
         Push,
     )

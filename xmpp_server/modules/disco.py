@@ -57,6 +57,10 @@ class Disco(Module):
             items = getattr(module, "disco_items", None)
             for jid, name in items() if items is not None else ():
                 query.append(Element(qn(NS_ITEMS, "item"), {"jid": jid, "name": name}))
+            # Pubsub nodes on the server's JID (the server's sticker packs), as attributes.
+            nodes = getattr(module, "disco_nodes", None)
+            for attrs in nodes() if nodes is not None else ():
+                query.append(Element(qn(NS_ITEMS, "item"), attrs))
         self._reply(origin, iq, query)
 
     async def _may_see(self, iq: Element) -> None:

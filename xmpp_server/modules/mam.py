@@ -100,6 +100,8 @@ _CONTENT = frozenset(
         qn("urn:xmpp:message-correct:0", "replace"),
         qn("eu.siacs.conversations.axolotl", "encrypted"),
         qn("urn:xmpp:omemo:2", "encrypted"),
+        qn("urn:xmpp:sfs:0", "file-sharing"),  # XEP-0447 files, sent without a body
+        qn("urn:xmpp:stickers:0", "sticker"),  # XEP-0449
         *JMI_TAGS,  # XEP-0353 call signalling: devices that were away learn of calls
     }
 )

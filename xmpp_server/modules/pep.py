@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,8 @@ NODE_CONFIG = f"{NS_PUBSUB}#node_config"
 PUBLISH_OPTIONS = f"{NS_PUBSUB}#publish-options"
 STATUS_NODE = "urn:natter:status:0"
 """Status updates (text, image or video, like WhatsApp's): items expire after ``status_ttl``."""
+STICKERS_NODE = "urn:xmpp:stickers:0"
+"""XEP-0449 sticker packs, one per item: open to anyone and keeping many items by default."""
 
 NOTIFY_SUFFIX = "+notify"
 ACCESS_MODELS = ("presence", "open", "whitelist")
@@ -176,10 +178,11 @@ class NodeConfig:
 
     def default(self, node: str) -> dict[str, Any]:
         return {
-            "access_model": "presence",
+            # XEP-0449 §4.1: packs SHOULD be open so that other users can fetch them.
+            "access_model": "open" if node == STICKERS_NODE else "presence",
             "max_items": (
                 self.options.max_items_per_node
-                if node == STATUS_NODE
+                if node in (STATUS_NODE, STICKERS_NODE)
                 else min(self.options.default_max_items, self.options.max_items_per_node)
             ),
             "persist_items": True,
@@ -379,6 +382,9 @@ class Pep(Module):
         self._caps: dict[tuple[str, str], frozenset[str]] = {}  # verified (hash, ver) → nodes
         self._tasks: set[asyncio.Task[None]] = set()
         self._purger: asyncio.Task[None] | None = None
+        self.node_listeners: list[Callable[[JID, str], Awaitable[None]]] = []
+        """Called with (owner, node) after a node's items changed or the node went (stickers
+        pin the uploads their packs reference)."""
 
     def setup(self) -> None:
         router = self.host.router
@@ -403,6 +409,13 @@ class Pep(Module):
         self._purger = None
 
     # -- helpers ------------------------------------------------------------------------
+
+    async def _changed(self, owner: JID, node: str) -> None:
+        for listener in self.node_listeners:
+            try:
+                await listener(owner, node)
+            except SQLAlchemyError:
+                log.exception("a listener of %s's node %s failed", owner, node)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
@@ -631,6 +644,7 @@ class Pep(Module):
         item_id = item.get("id") or uuid.uuid4().hex
         keep = config["max_items"] if config["persist_items"] else 1
         await pep.publish(str(owner), name, item_id, text, str(requester), max_items=keep)
+        await self._changed(owner, name)
         out = Element(qn(NS_PUBSUB, "pubsub"))
         published = Element(qn(NS_PUBSUB, "publish"), {"node": name})
         published.append(Element(qn(NS_PUBSUB, "item"), {"id": item_id}))
@@ -657,6 +671,7 @@ class Pep(Module):
         removed = await self.host.storage.pep.retract(str(owner), name, ids)
         if not removed:
             raise ItemNotFound("no such item")
+        await self._changed(owner, name)
         self._reply(origin, iq)
         notify = retract.get("notify")
         if notify in ("1", "true") or (notify is None and config["notify_retract"]):
@@ -713,11 +728,13 @@ class Pep(Module):
                 new = self.config.apply(config, form)
                 keep = new["max_items"] if new["persist_items"] else 1
                 await pep.configure(str(account), name, new, max_items=keep)
+                await self._changed(account, name)
         elif (delete := pubsub.find(qn(NS_OWNER, "delete"))) is not None:
             name = self._node_attr(delete)
             node, config = await self._node(account, name)
             recipients = await self._recipients(account, node)
             await pep.delete_node(str(account), name)
+            await self._changed(account, name)
             self._reply(origin, iq)
             if config["notify_delete"]:
                 await self._send_event(
@@ -728,6 +745,7 @@ class Pep(Module):
             name = self._node_attr(purge)
             node, config = await self._node(account, name)
             await pep.purge(str(account), name)
+            await self._changed(account, name)
             self._reply(origin, iq)
             if config["notify_retract"]:
                 await self._notify(account, node, Element(qn(NS_EVENT, "purge"), {"node": name}))

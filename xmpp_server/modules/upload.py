@@ -181,6 +181,25 @@ async def purge(
         total += await storage.uploads.delete([u.slot for u in batch])
 
 
+def download_url(base_url: str, slot: str, filename: str) -> str:
+    """The GET URL of a file (``base_url``: ``[http] public_url`` or what it defaults to)."""
+    return f"{base_url}{PREFIX}/{slot}/{quote(filename, safe='')}"
+
+
+def slot_of_url(base_url: str, url: str) -> tuple[str, str] | None:
+    """(slot, filename) of one of our GET URLs, None for any other URL."""
+    base = urlsplit(base_url + PREFIX + "/")
+    parts = urlsplit(url)
+    if (parts.scheme, parts.netloc) != (base.scheme, base.netloc) or parts.query:
+        return None
+    if not parts.path.startswith(base.path):
+        return None
+    slot, slash, name = parts.path[len(base.path) :].partition("/")
+    if not slash or not slot or "/" in name:
+        return None
+    return slot, unquote(name)
+
+
 def clean_filename(raw: str | None) -> str:
     """The last path segment, NFC, without control characters, at most 200 characters."""
     if not raw:
@@ -312,7 +331,7 @@ class HttpUpload(Module):
         return hmac.new(self.secret, message.encode(), hashlib.sha256).hexdigest()
 
     def get_url(self, slot: str, filename: str) -> str:
-        return f"{self.base_url}{PREFIX}/{slot}/{quote(filename, safe='')}"
+        return download_url(self.base_url, slot, filename)
 
     async def on_request(self, origin: Session | None, iq: Element) -> None:
         owner = self._requester(iq)
@@ -363,16 +382,7 @@ class HttpUpload(Module):
 
     def slot_of(self, url: str) -> tuple[str, str] | None:
         """(slot, filename) of one of our GET URLs, None for any other URL."""
-        base = urlsplit(self.base_url + PREFIX + "/")
-        parts = urlsplit(url)
-        if (parts.scheme, parts.netloc) != (base.scheme, base.netloc) or parts.query:
-            return None
-        if not parts.path.startswith(base.path):
-            return None
-        slot, slash, name = parts.path[len(base.path) :].partition("/")
-        if not slash or not slot or "/" in name:
-            return None
-        return slot, unquote(name)
+        return slot_of_url(self.base_url, url)
 
     async def on_thumbnail(self, origin: Session | None, iq: Element) -> None:
         self._requester(iq)

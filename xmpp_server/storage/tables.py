@@ -24,6 +24,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -340,6 +341,8 @@ class UploadedFile(UserRow, Base):
     thumbnail_type: Mapped[str | None] = mapped_column(Text)
     thumbnail_width: Mapped[int | None] = mapped_column(Integer)
     thumbnail_height: Mapped[int | None] = mapped_column(Integer)
+    # Referenced by a published sticker pack (XEP-0449): the expiry purge keeps it.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class PushRegistration(UserRow, Base):

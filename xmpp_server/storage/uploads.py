@@ -1,9 +1,14 @@
-"""HTTP File Upload (XEP-0363) slots and files: the metadata; the bytes live in a blob store."""
+"""HTTP File Upload (XEP-0363) slots and files: the metadata; the bytes live in a blob store.
+
+An owner is a user's bare JID or the bare domain (files of server-wide sticker packs, stored
+with an empty username). A pinned file is referenced by a published sticker pack (XEP-0449):
+the expiry purge skips it, and it still counts against its owner's quota.
+"""
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,6 +16,13 @@ from sqlalchemy import and_, delete, func, or_, select, update
 
 from .db import Store, split_user
 from .tables import UploadedFile, utcnow
+
+
+def split_owner(owner: str) -> tuple[str, str]:
+    """``(domain, username)`` of a user's bare JID, ``(domain, "")`` of a bare domain."""
+    if "@" not in owner and owner and "/" not in owner:
+        return owner, ""
+    return split_user(owner)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class Upload:
     thumbnail_type: str | None = None
     thumbnail_width: int | None = None
     thumbnail_height: int | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class Completion:
 def _upload(row: UploadedFile) -> Upload:
     return Upload(
         slot=row.slot,
-        owner=f"{row.username}@{row.domain}",
+        owner=f"{row.username}@{row.domain}" if row.username else row.domain,
         filename=row.filename,
         size=row.size,
         content_type=row.content_type,
@@ -62,27 +75,40 @@ def _upload(row: UploadedFile) -> Upload:
         thumbnail_type=row.thumbnail_type,
         thumbnail_width=row.thumbnail_width,
         thumbnail_height=row.thumbnail_height,
+        pinned=row.pinned,
     )
 
 
 class Uploads(Store):
     async def create(
-        self, owner: str, slot: str, filename: str, size: int, content_type: str, path: str
+        self,
+        owner: str,
+        slot: str,
+        filename: str,
+        size: int,
+        content_type: str,
+        path: str,
+        *,
+        completed: Completion | None = None,
     ) -> None:
-        domain, username = split_user(owner)
+        """A slot; with ``completed``, a file whose bytes are already in the blob store."""
+        domain, username = split_owner(owner)
+        row = UploadedFile(
+            domain=domain,
+            username=username,
+            slot=slot,
+            filename=filename,
+            size=size,
+            content_type=content_type,
+            created_at=utcnow(),
+            path=path,
+        )
+        if completed is not None:
+            row.completed_at = row.created_at
+            row.sha256 = completed.sha256
+            row.width, row.height = completed.width, completed.height
         async with self._sessions.begin() as session:
-            session.add(
-                UploadedFile(
-                    domain=domain,
-                    username=username,
-                    slot=slot,
-                    filename=filename,
-                    size=size,
-                    content_type=content_type,
-                    created_at=utcnow(),
-                    path=path,
-                )
-            )
+            session.add(row)
 
     async def get(self, slot: str) -> Upload | None:
         async with self._sessions() as session:
@@ -91,7 +117,7 @@ class Uploads(Store):
 
     async def usage(self, owner: str, pending_since: datetime) -> int:
         """Bytes of ``owner``'s files plus slots created since ``pending_since`` (still usable)."""
-        domain, username = split_user(owner)
+        domain, username = split_owner(owner)
         async with self._sessions() as session:
             total = await session.scalar(
                 select(func.coalesce(func.sum(UploadedFile.size), 0)).where(
@@ -127,11 +153,12 @@ class Uploads(Store):
     async def expired(
         self, older_than: datetime | None, stale_before: datetime, limit: int = 1000
     ) -> builtins.list[Upload]:
-        """Files created before ``older_than`` (None: none) and slots never used that were
-        created before ``stale_before``, oldest first."""
+        """Unpinned files created before ``older_than`` (None: none) and slots never used that
+        were created before ``stale_before``, oldest first."""
         unused = and_(UploadedFile.completed_at.is_(None), UploadedFile.created_at < stale_before)
-        condition = (
-            unused if older_than is None else or_(unused, UploadedFile.created_at < older_than)
+        condition = and_(
+            UploadedFile.pinned.is_(False),
+            unused if older_than is None else or_(unused, UploadedFile.created_at < older_than),
         )
         async with self._sessions() as session:
             rows = await session.scalars(
@@ -148,8 +175,27 @@ class Uploads(Store):
             )
             return int(getattr(result, "rowcount", 0))
 
+    async def set_pinned(self, owner: str, slots: Collection[str]) -> int:
+        """Pin exactly ``slots`` among ``owner``'s files (others are unpinned); slots of other
+        owners are left alone. Returns how many of ``owner``'s files are pinned now."""
+        domain, username = split_owner(owner)
+        wanted = builtins.list(set(slots))
+        mine = (UploadedFile.domain == domain, UploadedFile.username == username)
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(UploadedFile)
+                .where(*mine, UploadedFile.pinned.is_(True), UploadedFile.slot.not_in(wanted))
+                .values(pinned=False)
+            )
+            if not wanted:
+                return 0
+            result = await session.execute(
+                update(UploadedFile).where(*mine, UploadedFile.slot.in_(wanted)).values(pinned=True)
+            )
+            return int(getattr(result, "rowcount", 0))
+
     async def list(self, owner: str) -> builtins.list[Upload]:
-        domain, username = split_user(owner)
+        domain, username = split_owner(owner)
         async with self._sessions() as session:
             rows = await session.scalars(
                 select(UploadedFile)
