@@ -20,7 +20,15 @@ import slixmpp
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack
 
-from voip.softphone import Call, CallError, Recorder, Softphone, ToneTrack, dominant_frequency
+from voip.softphone import (
+    Call,
+    CallError,
+    IceCandidate,
+    Recorder,
+    Softphone,
+    ToneTrack,
+    dominant_frequency,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,11 @@ class CallReport:
     frequency: float | None
     """Dominant frequency of what was heard (Hz), None if nothing was."""
     reason: str | None
+    ice: tuple[IceCandidate, IceCandidate] | None = None
+    """The (local, remote) candidates of the pair ICE selected: how the media went."""
+    rtcp_rtt: float | None = None
+    """Round-trip time (s) from RTCP reports, None if none came back (or we did not hang
+    up: it is read just before our hang-up)."""
 
 
 def write_wav(path: Path, recorder: Recorder) -> None:
@@ -113,21 +126,46 @@ async def _logged_in(options: PhoneOptions) -> AsyncIterator[Softphone]:
             await client.wait_until("disconnected", 5)
 
 
+async def _rtcp_rtt(call: Call) -> float | None:
+    """The round-trip time RTCP measured (our sender report, the peer's receiver report
+    about it), None when no report came back."""
+    with contextlib.suppress(Exception):
+        report = await call.pc.getStats()
+        for stat in report.values():
+            if stat.type == "remote-inbound-rtp":
+                return float(stat.roundTripTime)
+    return None
+
+
 async def _talk(phone: Softphone, call: Call, options: PhoneOptions) -> CallReport:
     async with asyncio.timeout(options.timeout):
         await phone.wait_connected(call)
-    if options.duration is None:
-        await call.ended.wait()
-    else:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(call.ended.wait(), options.duration)
-        await phone.hangup(call)
+    ice = call.ice_pair()
+    rtt: float | None = None
+
+    async def watch_rtcp() -> None:  # until the call ends: its stats go with the connection
+        nonlocal rtt
+        while True:
+            rtt = await _rtcp_rtt(call) or rtt
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch_rtcp())
+    try:
+        if options.duration is None:
+            await call.ended.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call.ended.wait(), options.duration)
+            watcher.cancel()
+            await phone.hangup(call)
+    finally:
+        watcher.cancel()
     recorder = call.recorder
     if options.record is not None:
         write_wav(options.record, recorder)
     heard = recorder.samples()
     frequency = dominant_frequency(heard, recorder.sample_rate) if len(heard) >= 4800 else None
-    return CallReport(call.peer, recorder.seconds, frequency, call.reason)
+    return CallReport(call.peer, recorder.seconds, frequency, call.reason, ice, rtt)
 
 
 async def place_call(peer: str, options: PhoneOptions) -> CallReport:

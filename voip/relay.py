@@ -26,24 +26,34 @@ audio arrived for ``media_timeout`` seconds, when a leg's connection fails, or w
 closes — which closes both legs (their sockets and tasks) and keeps a *call record*: who, how
 long, why, and the RTCP statistics of each leg (packets, loss, jitter, round-trip time).
 
-Ports: aioice (0.13) binds every candidate socket to port 0 and offers no port range or bind
-address option, so the relay cannot be confined to a configured UDP range yet (a firewall must
-allow the ephemeral range). IPv6 host candidates are left out unless ``use_ipv6``: on a
-single-homed server a leg then holds exactly one UDP socket.
+Ports and addresses: aioice (0.13) binds every host candidate socket to port 0 on every local
+address and has no option for a port range or an advertised address. With ``port_range`` or
+``public_address`` the relay binds each leg's sockets itself (:class:`HostSockets`, see there
+for why this way), so a firewall needs only that range open, and a server behind 1:1 NAT
+advertises its public address. IPv6 host candidates are left out unless ``use_ipv6``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fractions
+import functools
+import ipaddress
 import logging
+import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import av
+from aioice import Candidate
+from aioice.candidate import candidate_foundation, candidate_priority
+from aioice.ice import StunProtocol
+from aioice.turn import UDP_SOCKET_BUFFER_SIZE
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
@@ -145,6 +155,121 @@ def _tap(pc: RTCPeerConnection, track: MediaStreamTrack, out: ForwardTrack) -> b
     return False
 
 
+def parse_port_range(text: str) -> tuple[int, int] | None:
+    """``"min-max"`` (inclusive, both in 1024–65535) as a pair; ``""`` means any port."""
+    if not text.strip():
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"port range {text!r} is not min-max") from None
+    if not sep or not 1024 <= first <= last <= 65535:
+        raise ValueError(f"port range {text!r} is not min-max within 1024-65535")
+    return first, last
+
+
+class HostSockets:
+    """Binds a leg's host candidate sockets: each inside ``port_range``, and with
+    ``public_address`` one socket per leg whose candidate carries that address.
+
+    Why this way: aioice creates its sockets inside ``Connection.get_component_candidates``
+    (``create_datagram_endpoint(local_addr=(address, 0))``, no option). Wrapping the event
+    loop's ``create_datagram_endpoint`` during the relay's gathering would also catch every
+    other socket made on the loop meanwhile (the STUN/TURN server, other legs gathering at the
+    same time); so instead each leg's ``Connection`` gets :meth:`candidates` as its *own*
+    ``get_component_candidates`` (an attribute of that one object, nothing global). aioice's
+    gathering bookkeeping runs unchanged; only the sockets are ours, bound before aioice sees
+    them. Host candidates only: a relay on a public (or 1:1 NATed) address needs no STUN or
+    TURN for itself. Pinned, like :class:`_PacketTap`, to the aioice it was written for (0.13).
+
+    1:1 NAT: the public address is bound directly when it is one of the machine's own
+    addresses (the leg then holds exactly one socket even on a multi-homed server); otherwise
+    the socket listens on the wildcard address and the NAT maps the public address to it.
+    """
+
+    def __init__(
+        self, *, port_range: tuple[int, int] | None = None, public_address: str | None = None
+    ) -> None:
+        self.port_range = port_range
+        self.public_address = public_address
+        self._public_is_local: bool | None = None  # found out on the first bind
+
+    def install(self, connection: Any) -> None:
+        """Make ``connection`` (an aioice ``Connection`` not gathered yet) bind through us."""
+        connection.get_component_candidates = functools.partial(self.candidates, connection)
+
+    async def candidates(
+        self, connection: Any, component: int, addresses: list[str], timeout: int = 5
+    ) -> list[Candidate]:
+        """What ``Connection.get_component_candidates`` returns: one host candidate per
+        socket, the protocols registered with the connection (which closes them)."""
+        binds: list[tuple[socket.socket, str]] = []
+        try:
+            if self.public_address is not None:
+                binds.append((self._bind_public(), self.public_address))
+            else:
+                binds.extend((self._bind(address), address) for address in addresses)
+        except OSError:
+            for sock, _ in binds:
+                sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        candidates = []
+        for sock, advertised in binds:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER_SIZE)
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: StunProtocol(connection), sock=sock
+            )
+            protocol.local_candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", advertised),
+                component=component,
+                transport="udp",
+                priority=candidate_priority(component, "host"),
+                host=advertised,
+                port=sock.getsockname()[1],
+                type="host",
+            )
+            connection._protocols.append(protocol)
+            candidates.append(protocol.local_candidate)
+        return candidates
+
+    def _bind_public(self) -> socket.socket:
+        assert self.public_address is not None
+        wildcard = "::" if ipaddress.ip_address(self.public_address).version == 6 else "0.0.0.0"
+        if self._public_is_local is not False:
+            try:
+                sock = self._bind(self.public_address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                self._public_is_local = False
+            else:
+                self._public_is_local = True
+                return sock
+        return self._bind(wildcard)
+
+    def _bind(self, address: str) -> socket.socket:
+        """A non-blocking UDP socket on ``address``, on a free port of the range (tried from
+        a random one on, so that consecutive legs do not all probe the same ports)."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        first, last = self.port_range or (0, 0)  # no range: port 0, any port
+        start = random.randint(first, last)
+        ports = [*range(start, last + 1), *range(first, start)]
+        for port in ports:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return sock
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {first}-{last} on {address}")
+
+
 @dataclass
 class Leg:
     """One peer connection of a relayed call, towards ``party``."""
@@ -242,8 +367,15 @@ class Relay:
         passthrough: bool = False,
         on_end: EndHook | None = None,
         check_interval: float = 1.0,
+        port_range: tuple[int, int] | None = None,
+        public_address: str | None = None,
     ) -> None:
         self.ice_servers = ice_servers or []
+        self.host_sockets: HostSockets | None = None
+        """Binds the legs' sockets when a port range or a public address is configured
+        (otherwise aioice does: every local address, ephemeral ports)."""
+        if port_range is not None or public_address is not None:
+            self.host_sockets = HostSockets(port_range=port_range, public_address=public_address)
         self.passthrough = passthrough
         self.media_timeout = media_timeout
         self.use_ipv6 = use_ipv6
@@ -258,9 +390,12 @@ class Relay:
         return Leg(name, party, pc)
 
     def _restrict(self, leg: Leg) -> None:
-        if not self.use_ipv6:
-            for connection in leg.ice_connections():
+        """Before the leg gathers: no IPv6 unless asked, our sockets when configured."""
+        for connection in leg.ice_connections():
+            if not self.use_ipv6:
                 connection._use_ipv6 = False
+            if self.host_sockets is not None:
+                self.host_sockets.install(connection)
 
     async def open(self, sid: str, caller: str, callee: str, offer: str) -> tuple[RelayCall, str]:
         """Start anchoring: leg A takes the caller's ``offer`` (SDP); returns the call and the
@@ -440,7 +575,13 @@ class Anchor:
         request_timeout: float = 10.0,
         use_ipv6: bool = False,
         passthrough: bool = False,
+        port_range: str = "",
+        public_address: str = "",
     ) -> None:
+        """``port_range`` (``"min-max"``) and ``public_address`` as configured; "" for none.
+        A malformed value raises ValueError (natterd then refuses to start)."""
+        if public_address:
+            ipaddress.ip_address(public_address)  # a ValueError naming the bad value
         self.router = router
         self.ring_timeout = ring_timeout
         self.request_timeout = request_timeout
@@ -448,6 +589,8 @@ class Anchor:
             media_timeout=media_timeout,
             use_ipv6=use_ipv6,
             passthrough=passthrough,
+            port_range=parse_port_range(port_range),
+            public_address=public_address or None,
             on_end=self._relay_ended,
         )
         self.sessions: dict[tuple[str, str, str], _Session] = {}  # (caller, callee, sid)

@@ -83,7 +83,6 @@ class XmppClient(Protocol):
     def remove_handler(self, name: str) -> Any: ...
 
 
-
 # -- media -------------------------------------------------------------------------------
 
 
@@ -214,6 +213,36 @@ class Call:
     """Why the call ended (a XEP-0166 reason condition such as ``success``)."""
     proceeded: asyncio.Future[str] | None = None
     accepted: asyncio.Future[Element] | None = None
+
+    def ice_pair(self) -> tuple[IceCandidate, IceCandidate] | None:
+        """The (local, remote) candidates of the pair ICE selected, None before it did.
+        aiortc does not report the selected pair, so this reads its aioice connection; a
+        local server-reflexive candidate shows as its base, ``host`` (RFC 8445 §6.1.2.4)."""
+        for transceiver in self.pc.getTransceivers():
+            transport = transceiver.sender.transport
+            if transport is None:
+                continue
+            connection = transport.transport.iceGatherer._connection
+            pair = connection._nominated.get(1)
+            if pair is not None:
+                return _ice_candidate(pair.local_candidate), _ice_candidate(pair.remote_candidate)
+        return None
+
+
+@dataclass(frozen=True)
+class IceCandidate:
+    type: str
+    """``host``, ``srflx``, ``prflx`` or ``relay``."""
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.type} {host}:{self.port}"
+
+
+def _ice_candidate(candidate: Any) -> IceCandidate:
+    return IceCandidate(str(candidate.type), str(candidate.host), int(candidate.port))
 
 
 @dataclass

@@ -402,6 +402,8 @@ def _report(report: CallReport) -> int:
     _out(
         f"call with {report.peer}: heard {report.seconds_heard:.1f} s, dominant {frequency};"
         f" ended: {report.reason}"
+        + (f"; ice: {report.ice[0]} -> {report.ice[1]}" if report.ice else "")
+        + (f"; rtcp rtt: {report.rtcp_rtt * 1000:.0f} ms" if report.rtcp_rtt is not None else "")
     )
     return EXIT_OK
 

@@ -7,9 +7,11 @@
 ```
 
 Only benchmarking addresses (198.18.0.0/15) are used, and only inside namespaces the lab
-creates; nothing is routed to the host or beyond. ``NatLab`` removes everything it made, even
-when the test fails, and kills every process it started inside (a namespace with a process in
-it would outlive ``ip netns del``). See /work/shared/notes/nat-lab.md for why the NAT routers
+creates; nothing is routed to the host or beyond. ``pub`` runs either ``natterd stun`` (or
+coturn) for the STUN/TURN tests, or a whole natterd (XMPP, STUN/TURN, media relay) for the
+calls of test_calls_nat.py. ``NatLab`` removes everything it made, even when the test fails,
+and kills every process it started inside (a namespace with a process in it would outlive
+``ip netns del``). See /work/shared/notes/nat-lab.md for why the NAT routers
 drop unsolicited traffic to themselves and why ``pub`` routes by default into a silent sink.
 """
 
@@ -239,19 +241,51 @@ class NatLab:
     async def wait_udp_listening(
         self, ns: str, port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 15
     ) -> None:
+        await self.wait_listening(ns, "udp", port, process, log, timeout)
+
+    async def wait_listening(
+        self,
+        ns: str,
+        protocol: Literal["udp", "tcp"],
+        port: int,
+        process: subprocess.Popen[bytes],
+        log: Path,
+        timeout: float = 15,
+    ) -> None:
+        flags = "-Hlun" if protocol == "udp" else "-Hltn"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited ({process.returncode}):\n{tail(log)}")
-            out = subprocess.run(
-                ["ip", "netns", "exec", ns, "ss", "-Hlun", f"sport = :{port}"],
-                capture_output=True,
-                text=True,
-            ).stdout
+            out = self.sh(ns, "ss", flags, f"sport = :{port}")
             if out.strip():
                 return
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"server not listening on udp/{port} after {timeout}s:\n{tail(log)}")
+        raise RuntimeError(
+            f"server not listening on {protocol}/{port} after {timeout}s:\n{tail(log)}"
+        )
+
+    def sh(self, ns: str, *argv: str, stdin: str | None = None) -> str:
+        """The output of a short command in ``ns`` (an error if it fails)."""
+        done = subprocess.run(
+            self.netns_argv(ns, argv), input=stdin, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} in {ns}: {done.stderr.strip()}")
+        return done.stdout
+
+    async def spawn(self, ns: str, argv: Sequence[str | Path], log: Path) -> Command:
+        """A command in ``ns`` whose stdout the test reads (stderr goes to ``log``)."""
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                *self.netns_argv(ns, argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return Command(ns, process, log)
 
 
 @dataclass
@@ -290,6 +324,28 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.process.wait(), 5)
         return tail(self.log)
+
+
+@dataclass
+class Command:
+    """A command started with :meth:`NatLab.spawn`."""
+
+    ns: str
+    process: asyncio.subprocess.Process
+    log: Path
+
+    async def output(self, timeout: float) -> str:
+        """Its stdout once it exits successfully (an AssertionError with its log otherwise)."""
+        try:
+            out, _ = await asyncio.wait_for(self.process.communicate(), timeout)
+        except TimeoutError:
+            await stop_process(self.process)
+            raise AssertionError(f"{self.ns}: not done in {timeout}s:\n{tail(self.log)}") from None
+        if self.process.returncode != 0:
+            raise AssertionError(
+                f"{self.ns}: exit {self.process.returncode}:\n{out.decode()}{tail(self.log)}"
+            )
+        return out.decode()
 
 
 async def stop_process(process: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> None:
@@ -409,3 +465,75 @@ async def start_stun_server(lab: NatLab, kind: str, tmp: Path) -> Path:
     process = lab.popen(lab.pub, argv, log)
     await lab.wait_udp_listening(lab.pub, STUN_PORT, process, log)
     return log
+
+
+# -- natterd with calls in pub: XMPP, STUN/TURN and the media relay ------------------------------
+
+NATTERCTL = REPO / ".venv" / "bin" / "natterctl"
+DOMAIN = "localhost"
+C2S_PORT = 5222
+TURN_PORTS = (49152, 49999)
+CALL_RELAY_PORTS = (50000, 50009)
+"""The media relay's UDP port range (``relay_port_range``): apart from TURN's, so that every
+socket in it is an anchored leg's."""
+
+
+def natterd_calls_config(
+    tmp: Path, db: Path, *, media: Literal["direct", "relay"], turn: bool
+) -> Path:
+    """A whole natterd in pub: c2s on the public address, STUN/TURN advertised through
+    XEP-0215, the relay (in ``relay`` mode) on ``CALL_RELAY_PORTS`` at the public address.
+    The clients' ``natterctl`` reads the same file (c2s address, the generated certificate)."""
+    path = tmp / "natterd.toml"
+    path.write_text(
+        f"""
+[server]
+domain = "{DOMAIN}"
+data_dir = "{tmp / "data"}"
+
+[storage]
+url = "sqlite+aiosqlite:///{db}"
+
+[logging]
+level = "info"
+
+[c2s]
+host = "{SERVER_IP}"
+port = {C2S_PORT}
+direct_tls_port = 0
+
+[http]
+enabled = false
+
+[stun]
+enabled = true
+host = ["{SERVER_IP}"]
+udp_port = {STUN_PORT}
+tcp_port = 0
+tls_port = 0
+turn = {"true" if turn else "false"}
+realm = "{REALM}"
+secret = "{SECRET}"
+relay_host = "{SERVER_IP}"
+relay_min_port = {TURN_PORTS[0]}
+relay_max_port = {TURN_PORTS[1]}
+allowed_peers = ["198.18.0.0/15"]
+
+[modules.jingle]
+media = "{media}"
+relay_port_range = "{CALL_RELAY_PORTS[0]}-{CALL_RELAY_PORTS[1]}"
+relay_public_address = "{SERVER_IP}"
+"""
+    )
+    return path
+
+
+async def start_natterd(
+    lab: NatLab, config: Path, tmp: Path
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``natterd run`` in pub, listening for clients and STUN; the process and its log."""
+    log = tmp / "natterd.log"
+    process = lab.popen(lab.pub, [NATTERD, "--config", config, "run"], log)
+    await lab.wait_listening(lab.pub, "tcp", C2S_PORT, process, log, timeout=60)
+    await lab.wait_listening(lab.pub, "udp", STUN_PORT, process, log, timeout=60)
+    return process, log

@@ -5,6 +5,7 @@ recording what they hear to WAV files."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import wave
 from pathlib import Path
@@ -80,6 +81,8 @@ async def test_natterctl_call_and_answer(
             assert await answering == 0
         out = capsys.readouterr().out.splitlines()
         assert len(out) == 2 and all("ended: success" in line for line in out), out
+        # Each reports the ICE pair its media took: host to host on this machine.
+        assert all(re.search(r"; ice: host \S+ -> host \S+", line) for line in out), out
         # The recordings include the jitter buffer's start: skip the first half second.
         bob_heard = read_wav(tmp_path / "bob.wav")[24000:]
         alice_heard = read_wav(tmp_path / "alice.wav")[24000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import resource
 import shutil
@@ -23,7 +24,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from tests.e2e.harness import Client, add_user, clients, running_server
 from tests.voip.test_softphone import open_peer_connections, open_transports, record
 from voip.jingle import NS_DTLS, NS_ICE_UDP, NS_JINGLE, NS_RTP, sdp_to_jingle
-from voip.relay import Anchor, Relay, end_to_end_protected
+from voip.relay import Anchor, Relay, RelayCall, end_to_end_protected, parse_port_range
 from voip.softphone import Softphone, ToneTrack, dominant_frequency
 from xmpp_server.xml import fromstring
 
@@ -302,3 +303,120 @@ async def test_unanswered_anchored_session_times_out(sqlite_url: str, tmp_path: 
             finally:
                 await pc.close()
             assert open_peer_connections() == []
+
+
+def test_port_ranges_are_parsed_strictly() -> None:
+    assert parse_port_range("") is None
+    assert parse_port_range("50000-50009") == (50000, 50009)
+    for bad in ("50000", "50009-50000", "80-90", "a-b", "50000-70000"):
+        with pytest.raises(ValueError, match="min-max"):
+            parse_port_range(bad)
+
+
+async def relayed_pair(relay: Relay) -> tuple[RelayCall, RTCPeerConnection, RTCPeerConnection]:
+    """Two plain aiortc peers on this machine calling each other through ``relay``."""
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    caller.addTrack(ToneTrack(440.0))
+    callee.addTrack(ToneTrack(660.0))
+    await caller.setLocalDescription(await caller.createOffer())
+    call, offer = await relay.open("s1", "a@x/1", "b@x/1", caller.localDescription.sdp)
+    await callee.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    await callee.setLocalDescription(await callee.createAnswer())
+    answer = await relay.accept(call, callee.localDescription.sdp)
+    await caller.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    return call, caller, callee
+
+
+def candidate_hosts(sdp: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+", sdp)}
+
+
+async def test_relay_legs_bind_inside_the_port_range_and_connect() -> None:
+    first = 42000 + random.randrange(0, 2000, 20)
+    relay = Relay(port_range=(first, first + 19), public_address="127.0.0.1")
+    call, caller, callee = await relayed_pair(relay)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while {caller.connectionState, callee.connectionState} != {"connected"}:
+                await asyncio.sleep(0.05)
+            while not all(leg.outgoing.frames for leg in call.legs):
+                await asyncio.sleep(0.05)
+        for leg, peer in ((call.caller_leg, caller), (call.callee_leg, callee)):
+            # One socket per leg, on the public address (one of this machine's), in the range.
+            [sock] = leg.udp_sockets()
+            host, port = sock.getsockname()
+            assert host == "127.0.0.1" and first <= port <= first + 19
+            assert candidate_ports(peer.remoteDescription.sdp) == {port}
+            assert candidate_hosts(peer.remoteDescription.sdp) == {"127.0.0.1"}
+            [connection] = leg.ice_connections()
+            assert connection._nominated[1].protocol.transport.get_extra_info("socket") is sock
+    finally:
+        await relay.close()
+        await caller.close()
+        await callee.close()
+    assert all(s.fileno() == -1 for leg in call.legs for s in leg.udp_sockets())
+
+
+async def test_relay_behind_1to1_nat_offers_its_public_address() -> None:
+    """198.51.100.7 is not this machine's: the legs listen on the wildcard address and their
+    candidates carry the public one, as a 1:1 NAT in front of the server would map it."""
+    first = 44000 + random.randrange(0, 2000, 20)
+    relay = Relay(port_range=(first, first + 19), public_address="198.51.100.7")
+    call, caller, callee = await relayed_pair(relay)
+    try:
+        for leg, peer in ((call.caller_leg, caller), (call.callee_leg, callee)):
+            assert candidate_hosts(leg.pc.localDescription.sdp) == {"198.51.100.7"}
+            assert candidate_hosts(peer.remoteDescription.sdp) == {"198.51.100.7"}
+            [sock] = leg.udp_sockets()
+            host, port = sock.getsockname()
+            assert host == "0.0.0.0" and first <= port <= first + 19
+            assert candidate_ports(peer.remoteDescription.sdp) == {port}
+    finally:
+        await relay.close()
+        await caller.close()
+        await callee.close()
+
+
+async def test_relay_port_range_and_public_address_are_configured(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    settings = {
+        "modules": {
+            "jingle": {
+                "media": "relay",
+                "relay_port_range": "50100-50119",
+                "relay_public_address": "198.51.100.7",
+            }
+        }
+    }
+    async with running_server(migrated_db_url, tmp_path, settings) as server:
+        anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        sockets = anchor.relay.host_sockets
+        assert sockets is not None
+        assert (sockets.port_range, sockets.public_address) == ((50100, 50119), "198.51.100.7")
+    async with running_server(migrated_db_url, tmp_path, RELAY) as server:
+        anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        assert anchor.relay.host_sockets is None  # aioice's own gathering, as before
+
+
+async def test_a_full_port_range_fails_the_call_cleanly() -> None:
+    """One port for two legs: leg B takes it with the offer, leg A finds none at the answer;
+    the call ends (failed-application) and leg B's socket is closed."""
+    port = 46000 + random.randrange(0, 2000)
+    relay = Relay(port_range=(port, port))
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        caller.addTrack(ToneTrack(440.0))
+        await caller.setLocalDescription(await caller.createOffer())
+        call, offer = await relay.open("s1", "a@x/1", "b@x/1", caller.localDescription.sdp)
+        assert candidate_ports(offer) == {port}
+        await callee.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await callee.setLocalDescription(await callee.createAnswer())
+        with pytest.raises(OSError, match=f"no free UDP port in {port}-{port}"):
+            await relay.accept(call, callee.localDescription.sdp)
+        assert call.record["reason"] == "failed-application" and relay.calls == {}
+        assert all(s.fileno() == -1 for leg in call.legs for s in leg.udp_sockets())
+    finally:
+        await relay.close()
+        await caller.close()
+        await callee.close()

@@ -126,6 +126,12 @@ async def test_two_softphones_hear_each_others_tones(sqlite_url: str, tmp_path: 
                 async with asyncio.timeout(DEADLINE):
                     await alice_phone.wait_connected(placed)
                     await bob_phone.wait_connected(answered)
+                # The selected ICE pair: each side's host socket to the other's.
+                alice_pair, bob_pair = placed.ice_pair(), answered.ice_pair()
+                assert alice_pair is not None and bob_pair is not None
+                assert alice_pair == (bob_pair[1], bob_pair[0])
+                assert {c.type for c in alice_pair} == {"host"}
+                assert str(alice_pair[0]) == f"host {alice_pair[0].host}:{alice_pair[0].port}"
                 # A trickled candidate is taken; an action we do not implement is refused.
                 await jingle_iq(
                     alice,

@@ -10,6 +10,7 @@ from xmpp_server.modules.announce import Announce
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
 from xmpp_server.modules.carbons import Carbons
+from xmpp_server.modules.conference import Conferences
 from xmpp_server.modules.csi import Csi
 from xmpp_server.modules.disco import Disco
 from xmpp_server.modules.extdisco import ExtDisco
@@ -61,6 +62,7 @@ MODULES: dict[str, type[Module]] = {
         Stickers,  # after Pep: listens to its sticker nodes
         Csi,
         Push,
+        Conferences,
     )
 }
 
