@@ -30,7 +30,9 @@ Ports and addresses: aioice (0.13) binds every host candidate socket to port 0 o
 address and has no option for a port range or an advertised address. With ``port_range`` or
 ``public_address`` the relay binds each leg's sockets itself (:class:`HostSockets`, see there
 for why this way), so a firewall needs only that range open, and a server behind 1:1 NAT
-advertises its public address. IPv6 host candidates are left out unless ``use_ipv6``.
+advertises its public address. With ``shared_port`` every leg of every call uses one UDP
+socket instead (:mod:`voip.sharedport`, demultiplexed by ICE ufrag and source address): one
+firewall rule for all calls. IPv6 host candidates are left out unless ``use_ipv6``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from av.frame import Frame
 from av.packet import Packet
 
 from voip.jingle import NS_ICE_UDP, candidate_to_sdp, jingle_to_sdp, sdp_to_jingle
+from voip.sharedport import SharedPort
 from xmpp_server.stanza import iq_result, make, new_id
 from xmpp_server.xml import Element
 
@@ -369,8 +372,14 @@ class Relay:
         check_interval: float = 1.0,
         port_range: tuple[int, int] | None = None,
         public_address: str | None = None,
+        shared_port: int = 0,
     ) -> None:
         self.ice_servers = ice_servers or []
+        self.shared_port = shared_port
+        """One UDP port for every leg (:mod:`voip.sharedport`), 0 for a socket per leg."""
+        self.shared: SharedPort | None = None
+        self._shared_lock = asyncio.Lock()
+        self.public_address = public_address
         self.host_sockets: HostSockets | None = None
         """Binds the legs' sockets when a port range or a public address is configured
         (otherwise aioice does: every local address, ephemeral ports)."""
@@ -394,14 +403,32 @@ class Relay:
         for connection in leg.ice_connections():
             if not self.use_ipv6:
                 connection._use_ipv6 = False
-            if self.host_sockets is not None:
+            if self.shared is not None:
+                self.shared.attach(connection)
+            elif self.host_sockets is not None:
                 self.host_sockets.install(connection)
+
+    async def _open_shared_port(self) -> None:
+        """Bind the shared port on first use: the public address when it is one of the
+        machine's, else every address (the kernel then picks each reply's source)."""
+        async with self._shared_lock:
+            if not self.shared_port or self.shared is not None:
+                return
+            public = self.public_address
+            try:
+                self.shared = await SharedPort.open(public or "0.0.0.0", self.shared_port, public)
+            except OSError as exc:
+                if public is None or exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                self.shared = await SharedPort.open("0.0.0.0", self.shared_port, public)
+            log.info("relay legs share UDP port %s", self.shared.address)
 
     async def open(self, sid: str, caller: str, callee: str, offer: str) -> tuple[RelayCall, str]:
         """Start anchoring: leg A takes the caller's ``offer`` (SDP); returns the call and the
         offer (SDP) of leg B for the callee."""
         if sid in self.calls:
             raise ValueError(f"call {sid} is already relayed")
+        await self._open_shared_port()
         call = RelayCall(
             sid, caller, callee, self._leg("caller", caller), self._leg("callee", callee)
         )
@@ -496,6 +523,9 @@ class Relay:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     # -- timeouts ---------------------------------------------------------------------
 
@@ -577,8 +607,10 @@ class Anchor:
         passthrough: bool = False,
         port_range: str = "",
         public_address: str = "",
+        shared_port: int = 0,
     ) -> None:
-        """``port_range`` (``"min-max"``) and ``public_address`` as configured; "" for none.
+        """``port_range`` (``"min-max"``) and ``public_address`` as configured; "" for none;
+        ``shared_port``: one UDP port for every leg (0: a socket per leg).
         A malformed value raises ValueError (natterd then refuses to start)."""
         if public_address:
             ipaddress.ip_address(public_address)  # a ValueError naming the bad value
@@ -591,6 +623,7 @@ class Anchor:
             passthrough=passthrough,
             port_range=parse_port_range(port_range),
             public_address=public_address or None,
+            shared_port=shared_port,
             on_end=self._relay_ended,
         )
         self.sessions: dict[tuple[str, str, str], _Session] = {}  # (caller, callee, sid)

@@ -158,8 +158,6 @@ class SharedPort(asyncio.DatagramProtocol):
 
     @classmethod
     async def open(cls, host: str, port: int, public_address: str | None = None) -> SharedPort:
-        if host in ("0.0.0.0", "::", "") and not public_address:
-            raise ValueError("a shared relay port on a wildcard address needs a public address")
         loop = asyncio.get_running_loop()
         _, shared = await loop.create_datagram_endpoint(
             lambda: cls(public_address), local_addr=(host, port)
@@ -223,7 +221,13 @@ class SharedPort(asyncio.DatagramProtocol):
         ) -> list[Candidate]:
             protocol = StunProtocol(connection)
             transport = _LegTransport(self, protocol)
-            host = self.public_address or self.address[0]
+            # The advertised address: the public one, else the bound one, else (wildcard
+            # bind) the first of the machine's addresses aioice found.
+            bound = self.address[0]
+            wildcard = bound in ("0.0.0.0", "::")
+            host = self.public_address or (addresses[0] if wildcard and addresses else bound)
+            if host in ("0.0.0.0", "::"):
+                raise OSError("a shared relay port on a wildcard address needs an address")
             protocol.local_candidate = Candidate(
                 foundation=candidate_foundation("host", "udp", host),
                 component=component,

@@ -21,11 +21,11 @@ from slixmpp.exceptions import IqError
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.e2e.harness import Client, add_user, clients, running_server
+from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
 from tests.voip.test_softphone import open_peer_connections, open_transports, record
 from voip.jingle import NS_DTLS, NS_ICE_UDP, NS_JINGLE, NS_RTP, sdp_to_jingle
 from voip.relay import Anchor, Relay, RelayCall, end_to_end_protected, parse_port_range
-from voip.softphone import Softphone, ToneTrack, dominant_frequency
+from voip.softphone import Recorder, Softphone, ToneTrack, dominant_frequency
 from xmpp_server.xml import fromstring
 
 DEADLINE = 25.0
@@ -313,13 +313,15 @@ def test_port_ranges_are_parsed_strictly() -> None:
             parse_port_range(bad)
 
 
-async def relayed_pair(relay: Relay) -> tuple[RelayCall, RTCPeerConnection, RTCPeerConnection]:
+async def relayed_pair(
+    relay: Relay, sid: str = "s1", tones: tuple[float, float] = (440.0, 660.0)
+) -> tuple[RelayCall, RTCPeerConnection, RTCPeerConnection]:
     """Two plain aiortc peers on this machine calling each other through ``relay``."""
     caller, callee = RTCPeerConnection(), RTCPeerConnection()
-    caller.addTrack(ToneTrack(440.0))
-    callee.addTrack(ToneTrack(660.0))
+    caller.addTrack(ToneTrack(tones[0]))
+    callee.addTrack(ToneTrack(tones[1]))
     await caller.setLocalDescription(await caller.createOffer())
-    call, offer = await relay.open("s1", "a@x/1", "b@x/1", caller.localDescription.sdp)
+    call, offer = await relay.open(sid, f"a@x/{sid}", f"b@x/{sid}", caller.localDescription.sdp)
     await callee.setRemoteDescription(RTCSessionDescription(offer, "offer"))
     await callee.setLocalDescription(await callee.createAnswer())
     answer = await relay.accept(call, callee.localDescription.sdp)
@@ -420,3 +422,56 @@ async def test_a_full_port_range_fails_the_call_cleanly() -> None:
         await relay.close()
         await caller.close()
         await callee.close()
+
+
+async def test_every_leg_of_two_calls_shares_one_port() -> None:
+    """``shared_port``: four legs, one UDP socket; each call's audio reaches only its peers
+    (a crossed demultiplexer would mix the tones up), and the port outlives the calls."""
+    port = free_udp_tcp_port()
+    relay = Relay(shared_port=port, public_address="127.0.0.1")
+    tones = {"s1": (440.0, 660.0), "s2": (880.0, 1100.0)}
+    peers: list[RTCPeerConnection] = []
+    recorders: dict[tuple[str, int], Recorder] = {}
+    calls = {}
+    try:
+        for sid, pair in tones.items():
+            call, caller, callee = await relayed_pair(relay, sid, pair)
+            calls[sid] = call
+            peers += [caller, callee]
+            for index, pc in enumerate((caller, callee)):
+                recorder = recorders[(sid, index)] = Recorder()
+                for transceiver in pc.getTransceivers():
+                    recorder.start(transceiver.receiver.track)
+        async with asyncio.timeout(DEADLINE):
+            while any(r.seconds < 1.5 for r in recorders.values()):
+                await asyncio.sleep(0.1)
+        for (sid, index), recorder in recorders.items():
+            heard = recorder.samples()[recorder.sample_rate // 2 :]
+            # The caller (index 0) hears the callee's tone and the other way round.
+            assert dominant_frequency(heard) == pytest.approx(tones[sid][1 - index], abs=5)
+        shared = relay.shared
+        assert shared is not None and shared.address == ("127.0.0.1", port)
+        for call in calls.values():
+            for leg in call.legs:
+                assert [s.fileno() for s in leg.udp_sockets()] == [shared.socket.fileno()]
+                assert candidate_ports(leg.pc.localDescription.sdp) == {port}
+        assert shared.legs == 4
+        for call in calls.values():
+            await relay.hangup(call)
+        assert shared.legs == 0 and not shared.demux.by_address
+        assert shared.socket.fileno() != -1  # ready for the next calls
+    finally:
+        for recorder in recorders.values():
+            await recorder.stop()
+        await relay.close()
+        for pc in peers:
+            await pc.close()
+    assert relay.shared is None
+
+
+async def test_relay_shared_port_is_configured(sqlite_url: str, tmp_path: Path) -> None:
+    port = free_udp_tcp_port()
+    settings = {"modules": {"jingle": {"media": "relay", "relay_shared_port": port}}}
+    async with running_server(sqlite_url, tmp_path, settings) as server:
+        anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        assert anchor.relay.shared_port == port

@@ -138,6 +138,10 @@ class JingleOptions:
     relay_public_address: str = ""
     """Relay mode: the address the relay's candidates advertise, for a server behind 1:1 NAT
     ("": its own addresses)."""
+    relay_shared_port: int = field(default=0, metadata={"min": 0, "max": 65535})
+    """Relay mode: carry every anchored leg on this one UDP port (one firewall rule, as Jitsi
+    Videobridge's port 10000), told apart by ICE ufrag and source address; 0 = a socket per
+    leg (in ``relay_port_range`` if set)."""
     voicemail: bool = False
     """Answer calls nobody takes and leave the callee the recording (needs the upload module
     and ``[http]``; its legs bind like the relay's, ``relay_port_range`` and
@@ -220,6 +224,7 @@ class Jingle(Module):
                 passthrough=self.options.relay_forward == "passthrough",
                 port_range=self.options.relay_port_range,
                 public_address=self.options.relay_public_address,
+                shared_port=self.options.relay_shared_port,
             )
             router.add_hook("iq/full", self.anchor.on_iq, priority=100)
         if self.options.voicemail:
