@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= deploy/natterd.demo.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.load connect -c 1000
 	$(BIN)/python -m bench.load chat -c 200 -m 200
+
+# natterd, Prosody, ejabberd (and coturn for STUN) side by side; the table goes to
+# docs/benchmarks.md. Installs the Debian packages it needs (root).
+bench-compare: $(STAMP)
+	@./scripts/install-bench-peers.sh
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .test-services

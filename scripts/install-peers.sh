@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the clients we did not write that the tests use as real peers, from Debian:
-# go-sendxmpp (XMPP), stun-client (`stun`, an RFC 3489 STUN client), iptables (the NAT lab)
+# go-sendxmpp (XMPP), stun-client (`stun`, an RFC 3489 STUN client), iptables and nftables
+# (the NAT labs; nft counts RTP and RTCP per relay port)
 # and coturn (the NAT lab's cross-check and bench/stun.py; its system service stays off).
 # Without root or apt the tests that need them are skipped.
 set -u
@@ -8,6 +9,7 @@ missing=()
 command -v go-sendxmpp >/dev/null || missing+=(go-sendxmpp)
 command -v stun >/dev/null || missing+=(stun-client)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v nft >/dev/null || missing+=(nftables)
 command -v turnserver >/dev/null || missing+=(coturn)
 if [ ${#missing[@]} = 0 ]; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
