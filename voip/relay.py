@@ -7,7 +7,9 @@ A relayed call has two *legs*, each an aiortc ``RTCPeerConnection``:
 Leg A answers the caller's offer, leg B offers to the callee, and audio received on one leg
 is sent on the other, so each client only ever exchanges packets with the server. Every leg
 carries RTP and RTCP on one UDP socket (aiortc always negotiates ``rtcp-mux`` and uses a single
-ICE component) and Opus at 48 kHz.
+ICE component) and Opus, whose RTP clock is 48 kHz whatever the encoder's rate (RFC 7587):
+a client encoding at 16 kHz (wideband) is forwarded untouched in passthrough, and decoded and
+re-encoded at 48 kHz in transcoding (both tested).
 
 Two ways of forwarding (``passthrough``):
 
@@ -431,6 +433,9 @@ class Relay:
         self.check_interval = check_interval
         self.calls: dict[str, RelayCall] = {}  # by sid
         self.records: list[dict[str, Any]] = []  # ended calls, the newest last (bounded)
+        self.totals: dict[str, float] = dict.fromkeys(
+            ("calls_ended", "packets_received", "packets_lost", "frames_forwarded"), 0
+        )
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def _leg(self, name: str, party: str) -> Leg:
@@ -552,9 +557,28 @@ class Relay:
         }
         self.records.append(call.record)
         del self.records[:-100]
+        self.totals["calls_ended"] += 1
+        for stats in legs.values():
+            for key in ("packets_received", "packets_lost", "frames_forwarded"):
+                self.totals[key] += max(0, stats.get(key) or 0)
         call.ended.set()
         log.info("relayed call %s ended (%s): %s", call.sid, reason, legs)
         return call.record
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters for ``natterctl stats``: calls now and ended, packets and losses of ended
+        calls' legs (RTCP receiver statistics), and jitter and round-trip time averaged over
+        the recent call records."""
+        legs = [leg for record in self.records for leg in record["legs"].values()]
+        jitters = [leg["jitter"] for leg in legs if leg.get("jitter") is not None]
+        rtts = [leg["rtt"] for leg in legs if leg.get("rtt") is not None]
+        return {
+            "active_calls": len(self.calls),
+            **{key: int(value) for key, value in self.totals.items()},
+            "recent_mean_jitter": round(sum(jitters) / len(jitters), 6) if jitters else None,
+            "recent_mean_rtt_ms": round(1000 * sum(rtts) / len(rtts), 2) if rtts else None,
+            "shared_port_legs": self.shared.legs if self.shared is not None else None,
+        }
 
     async def close(self) -> None:
         """End every call and stop every task."""

@@ -238,6 +238,20 @@ class Server:
             }
         if self.stun is not None:
             stats["stun"] = self.stun.stats.snapshot()
+        jingle = self.host.modules.get("jingle")
+        anchor = getattr(jingle, "anchor", None)
+        if anchor is not None:
+            stats["relay"] = anchor.relay.metrics()
+        voicemail = getattr(jingle, "voicemail", None)
+        if voicemail is not None:
+            stats["voicemail"] = {"recording": len(voicemail.sessions)}
+        conference = self.host.modules.get("conference")
+        if conference is not None:
+            conferences = getattr(conference, "conferences", {})
+            stats["conferences"] = {
+                "active": len(conferences),
+                "participants": sum(len(c.participants) for c in conferences.values()),
+            }
         return {"stats": stats}
 
     async def _stop_stun(self) -> None:

@@ -5,6 +5,7 @@ every leg, socket and task gone after hang-up; OMEMO-protected sessions left dir
 from __future__ import annotations
 
 import asyncio
+import fractions
 import logging
 import random
 import re
@@ -14,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -157,6 +160,13 @@ async def test_two_softphones_talk_through_the_relay(
                     assert {"packets_lost", "jitter"} <= leg_stats.keys()
                 assert relay.passthrough == (forward == "passthrough")
                 assert relay.calls == {} and anchor.sessions == {}
+                # The call's RTCP figures are in the metrics natterctl stats prints.
+                stats = (await server._stats({}))["stats"]["relay"]
+                assert stats["active_calls"] == 0 and stats["calls_ended"] == 1
+                assert stats["packets_received"] >= sum(
+                    record_["legs"][name]["packets_received"] for name in ("caller", "callee")
+                )
+                assert stats["packets_received"] > 0 and stats["recent_mean_jitter"] is not None
                 assert alice_phone.calls == bob_phone.calls == {}
                 for leg in call.legs:
                     assert leg.pc.connectionState == "closed"
@@ -475,3 +485,107 @@ async def test_relay_shared_port_is_configured(sqlite_url: str, tmp_path: Path) 
     async with running_server(sqlite_url, tmp_path, settings) as server:
         anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
         assert anchor.relay.shared_port == port
+
+
+class WidebandOpus(MediaStreamTrack):
+    """A tone encoded by libopus at 16 kHz (wideband) and handed to aiortc pre-encoded, as a
+    client limited to 16 kHz sends it (RTP clock still 48 kHz, RFC 7587)."""
+
+    kind = "audio"
+
+    def __init__(self, frequency: float) -> None:
+        super().__init__()
+        self.frequency = frequency
+        self.codec = av.CodecContext.create("libopus", "w")
+        self.codec.sample_rate = 16000
+        self.codec.layout = "mono"  # type: ignore[attr-defined]
+        self.codec.format = av.AudioFormat("s16")  # type: ignore[attr-defined]
+        self.codec.open()  # type: ignore[attr-defined]
+        self.count = 0
+        self.start: float | None = None
+        self.pending: list[Any] = []
+
+    async def recv(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self.start is None:
+            self.start = loop.time()
+        while not self.pending:
+            t = np.arange(self.count * 320, (self.count + 1) * 320) / 16000
+            samples = (0.3 * 32767 * np.sin(2 * np.pi * self.frequency * t)).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = self.count * 320
+            self.count += 1
+            self.pending += self.codec.encode(frame)  # type: ignore[attr-defined]
+        packet = self.pending.pop(0)
+        index = self.count - len(self.pending) - 1
+        delay = self.start + index * 0.02 - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        out = av.Packet(bytes(packet))
+        out.pts = index * 960
+        out.time_base = fractions.Fraction(1, 48000)
+        return out
+
+
+class TocSpy:
+    """Wraps a receiver's decoder queue: notes each Opus packet's bandwidth, then decodes."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.bandwidths: list[str] = []
+
+    def get(self) -> Any:
+        return self.original.get()
+
+    def put(self, item: Any) -> None:
+        if item is not None:
+            config = item[1].data[0] >> 3
+            self.bandwidths.append("wb" if 8 <= config <= 11 or 20 <= config <= 23 else "other")
+        self.original.put(item)
+
+
+@pytest.mark.parametrize("forward", ["transcode", "passthrough"])
+async def test_opus_at_16_khz_goes_through_the_relay(forward: str) -> None:
+    """A 16 kHz Opus stream is forwarded untouched in passthrough (every packet still says
+    wideband) and decoded and re-encoded at 48 kHz in transcode; the tone arrives in both."""
+    relay = Relay(passthrough=forward == "passthrough")
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    recorder = Recorder()
+    spy: TocSpy | None = None
+
+    @callee.on("track")
+    def _track(track: MediaStreamTrack) -> None:
+        nonlocal spy
+        for transceiver in callee.getTransceivers():
+            receiver = transceiver.receiver
+            if receiver.track is track:
+                name = "_RTCRtpReceiver__decoder_queue"
+                spy = TocSpy(getattr(receiver, name))
+                setattr(receiver, name, spy)
+        recorder.start(track)
+
+    try:
+        caller.addTrack(WidebandOpus(440.0))
+        callee.addTrack(ToneTrack(660.0))
+        await caller.setLocalDescription(await caller.createOffer())
+        call, offer = await relay.open("wb", "a@x/1", "b@x/1", caller.localDescription.sdp)
+        await callee.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await callee.setLocalDescription(await callee.createAnswer())
+        answer = await relay.accept(call, callee.localDescription.sdp)
+        await caller.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        async with asyncio.timeout(DEADLINE):
+            while recorder.seconds < 1.5:
+                await asyncio.sleep(0.1)
+        heard = recorder.samples()[recorder.sample_rate // 2 :]
+        assert dominant_frequency(heard) == pytest.approx(440.0, abs=5)
+        assert spy is not None and len(spy.bandwidths) > 50
+        if forward == "passthrough":
+            assert set(spy.bandwidths) == {"wb"}
+        else:
+            assert "other" in spy.bandwidths  # re-encoded from 48 kHz frames
+    finally:
+        await recorder.stop()
+        await relay.close()
+        await caller.close()
+        await callee.close()
