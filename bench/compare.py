@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for name in order:
                     result = run_scenario(scenario, name, servers[name])
-                    raw.append({"run": run, "scenario": scenario.name, "server": name, **result})
+                    raw.append(
+                        {"run": run, "scenario": scenario.name, "name": name, "result": result}
+                    )
                     problems = [result["error"]] if "error" in result else result["_problems"]
                     status = "; ".join(problems) if problems else "ok"
                     _out(

@@ -59,6 +59,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+SQLITE_POOL_TIMEOUT = 300.0  # seconds a transaction may wait for the one connection
+
+
 def make_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -68,8 +71,15 @@ def make_engine(url: str) -> AsyncEngine:
     # One connection, handed out in turn: an in-memory database exists only on its connection,
     # and for a file SQLite allows one writer anyway. Several connections would contend for the
     # write lock and sleep in SQLite's busy handler (measured: a third fewer offline stores/s).
+    # Waiting for it is the queue: in a storm of 10,000 logins a transaction waited over
+    # SQLAlchemy's default 30 s and the login failed with internal-server-error; a client
+    # gives up long before SQLITE_POOL_TIMEOUT, so nothing valid is refused for waiting.
     engine = create_async_engine(
-        parsed, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0
+        parsed,
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=SQLITE_POOL_TIMEOUT,
     )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
