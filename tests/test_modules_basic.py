@@ -874,3 +874,19 @@ def test_module_metadata() -> None:
     assert LastActivity.features == ("jabber:iq:last",)
     assert Blocking.features == ("urn:xmpp:blocking",)
     assert Register.features == ("jabber:iq:register",) and not Register.enabled_by_default
+
+
+def test_stanza_ids_are_crockford_ulids_in_time_order() -> None:
+    """The fast encoding equals the ULID definition: 26 Crockford base32 characters of
+    (48-bit milliseconds << 80 | 80 random bits), most significant first."""
+    from xmpp_server.modules.stanza_id import _ALPHABET, new_stanza_id
+
+    ids = [new_stanza_id(1_700_000_000 + i / 1000) for i in range(500)]
+    assert ids == sorted(ids) and len(set(ids)) == 500
+    for sid in ids:
+        assert len(sid) == 26 and set(sid) <= set(_ALPHABET)
+        value = 0
+        for char in sid:
+            value = value * 32 + _ALPHABET.index(char)
+        assert value >> 128 == 0  # the two spare leading bits stay zero
+        assert value >> 80 == (1_700_000_000_000 + ids.index(sid)) & ((1 << 48) - 1)
