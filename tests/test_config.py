@@ -142,7 +142,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("[c2s]\nread_rate = -1", "c2s.read_rate: expected an integer >= 0, got -1"),
         (
             "[server]\ncolour = 1",
-            "server.colour: unknown key (known keys: data_dir, domain, name)",
+            "server.colour: unknown key (known keys: data_dir, domain, event_loop, name)",
         ),
         (
             '[server]\ndomain = "alice@example.org"',

@@ -127,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args.config, args.command or "run")
 
 
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when configured and installed, else the standard library's."""
+    if kind != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("natterd").warning("uvloop is not installed: the asyncio loop runs")
+        return None
+    logging.getLogger("natterd").info("event loop: uvloop")
+    return uvloop.new_event_loop
+
+
 def _serve(config_path: str | None, what: str) -> int:
     """Load the config and run one of natterd's services until a signal stops it:
     ``run`` (the XMPP server), ``stun`` (the STUN/TURN server alone, whatever ``[stun]
@@ -147,7 +160,8 @@ def _serve(config_path: str | None, what: str) -> int:
     else:
         from xmpp_server.server import serve
     try:
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_loop_factory(config.server.event_loop)) as runner:
+            runner.run(serve(config))
     except KeyboardInterrupt:
         return EXIT_OK
     except ConfigError as exc:
