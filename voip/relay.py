@@ -67,7 +67,7 @@ from av.packet import Packet
 
 from voip.jingle import NS_ICE_UDP, candidate_to_sdp, jingle_to_sdp, sdp_to_jingle
 from voip.sharedport import SharedPort
-from xmpp_server.stanza import iq_result, make, new_id
+from xmpp_server.stanza import iq_result
 from xmpp_server.xml import Element
 
 log = logging.getLogger("natterd.relay")
@@ -692,7 +692,6 @@ class Anchor:
             on_end=self._relay_ended,
         )
         self.sessions: dict[tuple[str, str, str], _Session] = {}  # (caller, callee, sid)
-        self._requests: dict[str, tuple[str, asyncio.Future[Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
@@ -714,15 +713,8 @@ class Anchor:
     async def on_iq(self, origin: Any, iq: Any, to: Any) -> bool:
         """``iq/full`` hook: True when the iq was for the relay."""
         type_ = iq.get("type")
-        if type_ in ("result", "error"):
-            pending = self._requests.get(iq.get("id", ""))
-            if pending is None or origin is None or str(origin.jid) != pending[0]:
-                return False
-            if not pending[1].done():
-                pending[1].set_result(iq)
-            return True
         if origin is None or type_ != "set":
-            return False  # the server's own stanzas (ours included) pass
+            return False  # the server's own stanzas (ours included) and answers pass
         jingle = iq.find(f"{{{NS_JINGLE}}}jingle")
         if jingle is None:
             return False
@@ -814,22 +806,8 @@ class Anchor:
             await self._terminate(session, reason, notify=(call.caller, call.callee))
 
     async def _request(self, sender: str, to: str, jingle: Any) -> Any:
-        """An iq set from ``sender``'s JID (on its behalf) to ``to``; its answer, or an
-        error."""
-        id_ = new_id()
-        iq = make("iq", type="set", id=id_, from_=sender, to=to)
-        iq.append(jingle)
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._requests[id_] = (to, answer)
-        try:
-            await self.router.deliver(iq)
-            async with asyncio.timeout(self.request_timeout):
-                reply = await answer
-        finally:
-            self._requests.pop(id_, None)
-        if reply.get("type") == "error":
-            raise RuntimeError(f"{to} refused {jingle.get('action')}")
-        return reply
+        """An iq set from ``sender``'s JID (on its behalf) to ``to``; its result."""
+        return await self.router.request_set(sender, to, jingle, self.request_timeout)
 
 
 @dataclass

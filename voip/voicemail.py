@@ -389,7 +389,6 @@ class Voicemail:
         self.use_ipv6 = use_ipv6
         self.sessions: dict[tuple[str, str], VoicemailSession] = {}  # (caller, sid)
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._requests: dict[str, tuple[str, asyncio.Future[Element]]] = {}
 
     def expect(self, sid: str, caller: str, box: str, context: Any = None) -> VoicemailSession:
         """``caller`` was told to start session ``sid`` with ``box``; it has
@@ -425,15 +424,8 @@ class Voicemail:
     async def on_iq(self, origin: Any, iq: Element, to: Any) -> bool:
         """``iq/full`` hook: True when the iq belonged to a voicemail session."""
         type_ = iq.get("type")
-        if type_ in ("result", "error"):
-            pending = self._requests.get(iq.get("id", ""))
-            if pending is None or origin is None or str(origin.jid) != pending[0]:
-                return False
-            if not pending[1].done():
-                pending[1].set_result(iq)
-            return True
         if origin is None or type_ != "set":
-            return False
+            return False  # answers to our requests were taken by the router
         jingle = iq.find(qn(NS_JINGLE, "jingle"))
         if jingle is None:
             return False
@@ -566,20 +558,8 @@ class Voicemail:
         task.add_done_callback(self.tasks.discard)
 
     async def _request(self, sender: str, to: str, jingle: Element) -> Element:
-        """An iq set from ``sender`` (the voicemail JID) to ``to``; its answer."""
-        id_ = new_id()
-        iq = make("iq", type="set", id=id_, from_=sender, to=to)
-        iq.append(jingle)
-        answer: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
-        self._requests[id_] = (to, answer)
-        try:
-            await self.router.deliver(iq)
-            async with asyncio.timeout(self.request_timeout):
-                reply = await answer
-        finally:
-            self._requests.pop(id_, None)
-        if reply.get("type") == "error":
-            raise RuntimeError(f"{to} refused {jingle.get('action')}")
+        """An iq set from ``sender`` (the voicemail JID) to ``to``; its result."""
+        reply: Element = await self.router.request_set(sender, to, jingle, self.request_timeout)
         return reply
 
 

@@ -25,7 +25,7 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.jid import JID
-from xmpp_server.stanza import KIND, error_reply, new_id, payload
+from xmpp_server.stanza import KIND, error_reply, make, new_id, payload
 from xmpp_server.xml import Element
 
 log = logging.getLogger("natterd.router")
@@ -212,15 +212,16 @@ class Router:
             return
         await self._dispatch(None, stanza, to, sender)
 
-    async def request(self, iq: Element, timeout: float) -> Element:
-        """Send an iq get/set from the server's JID to a local full JID and wait for the
+    async def request(self, iq: Element, timeout: float, sender: str | None = None) -> Element:
+        """Send an iq get/set from the server's JID (or ``sender``, a JID the server acts for:
+        the relay, voicemail, a conference's mixer) to a local full JID and wait for the
         answer (a result or an error stanza); TimeoutError if none comes in ``timeout``."""
         to = JID.parse(iq.get("to", ""))
         if to.resource is None or self.session(to) is None:
             raise ServiceUnavailable("no such session")
         id_ = new_id()
         iq.set("id", id_)
-        iq.set("from", self.domain)
+        iq.set("from", sender or self.domain)
         answer: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
         self._requests[id_] = (str(to), answer)
         try:
@@ -230,17 +231,38 @@ class Router:
         finally:
             self._requests.pop(id_, None)
 
-    def _answered(self, stanza: Element) -> None:
+    async def request_set(self, sender: str, to: str, child: Element, timeout: float) -> Element:
+        """:meth:`request` of an iq set carrying ``child``; its result, RuntimeError when
+        ``to`` answers with an error."""
+        iq = make("iq", type="set", to=to)
+        iq.append(child)
+        reply = await self.request(iq, timeout, sender)
+        if reply.get("type") == "error":
+            raise RuntimeError(f"{to} refused {child.get('action') or child.tag}")
+        return reply
+
+    def _answered(self, stanza: Element) -> bool:
+        """Whether ``stanza`` answered one of our requests (then it goes no further)."""
         pending = self._requests.get(stanza.get("id", ""))
         # Only the addressee may answer: 'from' was stamped by route(), so it cannot be forged.
-        if pending is not None and stanza.get("from") == pending[0] and not pending[1].done():
+        if pending is None or stanza.get("from") != pending[0]:
+            return False
+        if not pending[1].done():
             pending[1].set_result(stanza)
+        return True
 
     async def _dispatch(
         self, origin: Session | None, stanza: Element, to: JID | None, sender: JID
     ) -> None:
         kind = KIND.get(stanza.tag)
         if kind is None:
+            return
+        if (
+            self._requests
+            and kind == "iq"
+            and stanza.get("type") in ("result", "error")
+            and self._answered(stanza)
+        ):
             return
         try:
             if to is None:
@@ -310,9 +332,7 @@ class Router:
     async def _handle_iq(self, origin: Session | None, stanza: Element, target: str) -> bool:
         type_ = stanza.get("type")
         if type_ not in ("get", "set"):
-            if target == "host" and type_ in ("result", "error"):
-                self._answered(stanza)  # an answer to request(); any other is dropped
-            return type_ in ("result", "error")
+            return type_ in ("result", "error")  # answers to request() were taken earlier
         first = payload(stanza)
         if first is None:
             raise ServiceUnavailable()

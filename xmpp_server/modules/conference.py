@@ -123,7 +123,6 @@ class Conferences(Module):
         self.proposals: dict[JID, dict[tuple[str, str], _Proposal]] = {}
         self.joining: dict[JID, int] = {}  # session-initiates being answered, per conference
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._requests: dict[str, tuple[str, asyncio.Future[Element]]] = {}
 
     def setup(self) -> None:
         router = self.host.router
@@ -169,8 +168,7 @@ class Conferences(Module):
         kind = stanza.tag.rpartition("}")[2]
         type_ = stanza.get("type")
         if kind == "iq" and type_ in ("result", "error"):
-            self._answered(stanza)
-            return
+            return  # answers to our requests were taken by the router
         if kind == "presence" or type_ == "error":
             return
         sender = JID.parse(stanza.get("from") or self.host.domain)
@@ -412,26 +410,9 @@ class Conferences(Module):
 
     async def _request(self, room: JID, to: str, jingle: Element) -> Element:
         """An iq set from the conference's mixer to ``to``; its result, or RuntimeError."""
-        id_ = new_id()
-        iq = make("iq", type="set", id=id_, from_=self.mixer_jid(room), to=to)
-        iq.append(jingle)
-        answer: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
-        self._requests[id_] = (to, answer)
-        try:
-            await self.host.router.deliver(iq)
-            async with asyncio.timeout(self.options.request_timeout):
-                reply = await answer
-        finally:
-            self._requests.pop(id_, None)
-        if reply.get("type") == "error":
-            raise RuntimeError(f"{to} refused {jingle.get('action')}")
-        return reply
-
-    def _answered(self, iq: Element) -> None:
-        pending = self._requests.get(iq.get("id", ""))
-        # 'from' was stamped by the router: only the addressee can answer.
-        if pending is not None and iq.get("from") == pending[0] and not pending[1].done():
-            pending[1].set_result(iq)
+        return await self.host.router.request_set(
+            str(self.mixer_jid(room)), to, jingle, self.options.request_timeout
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
