@@ -41,6 +41,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from voip import relay
+
 log = logging.getLogger("natterd.conference")
 
 SAMPLE_RATE = 48000
@@ -203,26 +205,11 @@ class Participant:
 
     def ice_connections(self) -> list[Any]:
         """The aioice connections of this leg (one with BUNDLE)."""
-        found: list[Any] = []
-        for transceiver in self.pc.getTransceivers():
-            transport = transceiver.sender.transport
-            if transport is None:
-                continue
-            connection = transport.transport.iceGatherer._connection
-            if all(connection is not c for c in found):
-                found.append(connection)
-        return found
+        return relay.ice_connections(self.pc)
 
     def udp_sockets(self) -> list[Any]:
         """The UDP sockets this leg's ICE transports hold (closed ones report fileno -1)."""
-        sockets = []
-        for connection in self.ice_connections():
-            for protocol in connection._protocols:
-                transport = getattr(protocol, "transport", None)
-                sock = transport.get_extra_info("socket") if transport is not None else None
-                if sock is not None:
-                    sockets.append(sock)
-        return sockets
+        return relay.udp_sockets(self.pc)
 
 
 LeaveHook = Callable[["Conference", Participant, str], Awaitable[None]]

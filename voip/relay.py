@@ -314,6 +314,31 @@ class HostSockets:
         raise OSError(errno.EADDRINUSE, f"no free UDP port in {first}-{last} on {address}")
 
 
+def ice_connections(pc: RTCPeerConnection) -> list[Any]:
+    """The aioice connections of ``pc`` (one per transport; one with BUNDLE)."""
+    found: list[Any] = []
+    for transceiver in pc.getTransceivers():
+        transport = transceiver.receiver.transport
+        if transport is None:
+            continue
+        connection = transport.transport.iceGatherer._connection
+        if all(connection is not c for c in found):
+            found.append(connection)
+    return found
+
+
+def udp_sockets(pc: RTCPeerConnection) -> list[Any]:
+    """The UDP sockets the ICE transports of ``pc`` hold (closed ones report fileno -1)."""
+    sockets = []
+    for connection in ice_connections(pc):
+        for protocol in connection._protocols:
+            transport = getattr(protocol, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                sockets.append(sock)
+    return sockets
+
+
 @dataclass
 class Leg:
     """One peer connection of a relayed call, towards ``party``."""
@@ -325,26 +350,11 @@ class Leg:
 
     def ice_connections(self) -> list[Any]:
         """The aioice connections of this leg (one per transport; one with BUNDLE)."""
-        found: list[Any] = []
-        for transceiver in self.pc.getTransceivers():
-            transport = transceiver.sender.transport
-            if transport is None:
-                continue
-            connection = transport.transport.iceGatherer._connection
-            if all(connection is not c for c in found):
-                found.append(connection)
-        return found
+        return ice_connections(self.pc)
 
     def udp_sockets(self) -> list[Any]:
         """The UDP sockets this leg's ICE transports hold."""
-        sockets = []
-        for connection in self.ice_connections():
-            for protocol in connection._protocols:
-                transport = getattr(protocol, "transport", None)
-                sock = transport.get_extra_info("socket") if transport is not None else None
-                if sock is not None:
-                    sockets.append(sock)
-        return sockets
+        return udp_sockets(self.pc)
 
     async def stats(self) -> dict[str, Any]:
         """RTCP-derived statistics of the leg (what getStats reports)."""

@@ -40,6 +40,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
 from voip.jingle import NS_ICE_UDP, NS_JINGLE, candidate_to_sdp, jingle_to_sdp, sdp_to_jingle
+from voip.relay import ice_connections
 from xmpp_server.errors import UnexpectedRequest
 from xmpp_server.stanza import error_reply, iq_result, make, new_id, qn
 from xmpp_server.xml import Element
@@ -311,7 +312,7 @@ def _tap(pc: RTCPeerConnection, track: MediaStreamTrack, session: VoicemailSessi
 def udp_sockets(pc: RTCPeerConnection) -> list[Any]:
     """The UDP sockets a peer connection's ICE transports hold (to check they are closed)."""
     sockets: list[Any] = []
-    for connection in _ice_connections(pc):
+    for connection in ice_connections(pc):
         for protocol in connection._protocols:
             udp = getattr(protocol, "transport", None)
             sock = udp.get_extra_info("socket") if udp is not None else None
@@ -469,7 +470,7 @@ class Voicemail:
             offer = jingle_to_sdp(initiate, role="offer")
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             answer = await pc.createAnswer()
-            for connection in _ice_connections(pc):  # before gathering
+            for connection in ice_connections(pc):  # before gathering
                 if not self.use_ipv6:
                     connection._use_ipv6 = False
                 if self.host_sockets is not None:
@@ -561,18 +562,6 @@ class Voicemail:
         """An iq set from ``sender`` (the voicemail JID) to ``to``; its result."""
         reply: Element = await self.router.request_set(sender, to, jingle, self.request_timeout)
         return reply
-
-
-def _ice_connections(pc: RTCPeerConnection) -> list[Any]:
-    found: list[Any] = []
-    for transceiver in pc.getTransceivers():
-        transport = transceiver.receiver.transport
-        if transport is None:
-            continue
-        connection = transport.transport.iceGatherer._connection
-        if all(connection is not c for c in found):
-            found.append(connection)
-    return found
 
 
 def _terminate(session: VoicemailSession, reason: str) -> Element:
