@@ -136,7 +136,7 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         logging.getLogger("natterd").warning("uvloop is not installed: the asyncio loop runs")
         return None
-    logging.getLogger("natterd").info("event loop: uvloop")
+    logging.getLogger("natterd").debug("event loop: uvloop")
     return uvloop.new_event_loop
 
 
