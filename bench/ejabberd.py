@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import time
 from pathlib import Path
 
 from bench.load import free_ports, raise_nofile_limit
+from bench.peer import PeerProcess
 
 SCHEMA = Path("/usr/share/ejabberd/sql/lite.sql")
 ITERATIONS = 4096
@@ -108,8 +108,11 @@ def _yaml(value: object, indent: int = 0) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class EjabberdServer:
+class EjabberdServer(PeerProcess):
     """ejabberd as a subprocess in a temporary directory, on free loopback ports."""
+
+    name = "ejabberd"
+    stop_timeout = 20.0
 
     def __init__(
         self,
@@ -119,17 +122,15 @@ class EjabberdServer:
         muc_domain: str | None = None,
         erl: str = "erl",
     ) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="ejabberd-bench-")), keep)
         self.domain = domain
         self.muc_domain = muc_domain or f"conference.{domain}"
-        self.keep = keep
         self.erl = shutil.which(erl) or erl
-        self.dir = Path(tempfile.mkdtemp(prefix="ejabberd-bench-"))
         self.config_path = self.dir / "ejabberd.yml"
         self.log_path = self.dir / "ejabberd.log"
         self.db_path = self.dir / "accounts.sqlite3"
         self.port, self.tls_port = 0, 0
         self.node = f"natter_bench_{os.getpid()}"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def cafile(self) -> str:
@@ -262,42 +263,10 @@ class EjabberdServer:
                 env=env,
                 cwd=self.dir,
             )
-        deadline = time.monotonic() + 60
-        waiting = [self.port, self.tls_port]
-        while waiting:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"ejabberd exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ejabberd did not start within 60 s:\n{self.log_tail()}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", waiting[0])) == 0:
-                    waiting.pop(0)
-                    continue
-            time.sleep(0.2)
+        self.wait_listening([self.port, self.tls_port], 60, poll=0.2)
 
-    def log_tail(self, lines: int = 20) -> str:
-        text = ""
-        for path in (self.dir / "ejabberd.out", self.log_path):
-            try:
-                text += path.read_text(errors="replace")
-            except OSError:
-                pass
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.keep:
-            sys.stderr.write(f"bench: kept {self.dir}\n")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+    def log_files(self) -> list[Path]:
+        return [self.dir / "ejabberd.out", self.log_path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,16 +33,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.load import free_ports, raise_nofile_limit
+from bench.peer import PeerProcess
 
 
 def _lua(value: Any) -> str:
@@ -65,13 +64,15 @@ def _store_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", lambda m: f"%{ord(m.group(0)):02x}", text)
 
 
-class ProsodyServer:
+class ProsodyServer(PeerProcess):
     """Prosody as a subprocess in a temporary directory, on free loopback ports.
 
     ``settings`` adds or overrides global options (``{"c2s_stanza_size_limit": 1 << 20}``),
     ``host_settings`` options of the VirtualHost, ``muc_settings`` of the MUC component
     (``{"muc_room_locking": False}``); values are Python values written as Lua literals.
     """
+
+    name = "prosody"
 
     def __init__(
         self,
@@ -86,21 +87,19 @@ class ProsodyServer:
         prosody: str = "prosody",
         prosodyctl: str = "prosodyctl",
     ) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="prosody-bench-")), keep)
         self.domain = domain
         self.muc_domain = muc_domain or f"conference.{domain}"
-        self.keep = keep
         self.settings = dict(settings or {})
         self.host_settings = dict(host_settings or {})
         self.muc_settings = dict(muc_settings or {})
         self.log_level = log_level
         self.prosody = shutil.which(prosody) or prosody
         self.prosodyctl = shutil.which(prosodyctl) or prosodyctl
-        self.dir = Path(tempfile.mkdtemp(prefix="prosody-bench-"))
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "prosody.cfg.lua"
         self.log_path = self.dir / "prosody.log"
         self.port, self.tls_port = 0, 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def cafile(self) -> str:
@@ -188,20 +187,7 @@ class ProsodyServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 30
-        waiting = [self.port, self.tls_port]
-        while waiting:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"prosody exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prosody did not start within 30 s:\n{self.log_tail()}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", waiting[0])) == 0:
-                    waiting.pop(0)
-                    continue
-            time.sleep(0.05)
+        self.wait_listening([self.port, self.tls_port], 30)
 
     def register(self, users: int, prefix: str, password: str) -> None:
         """Create PREFIX1..PREFIXN: prosodyctl makes the first, the rest are its copies."""
@@ -223,27 +209,8 @@ class ProsodyServer:
         for i in range(2, users + 1):
             (accounts / f"{_store_name(f'{prefix}{i}'.lower())}.dat").write_bytes(data)
 
-    def log_tail(self, lines: int = 20) -> str:
-        text = ""
-        for path in (self.dir / "prosody.out", self.log_path):
-            try:
-                text += path.read_text(errors="replace")
-            except OSError:
-                pass
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.keep:
-            sys.stderr.write(f"bench: kept {self.dir} (prosody.cfg.lua, prosody.log, data/)\n")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+    def log_files(self) -> list[Path]:
+        return [self.dir / "prosody.out", self.log_path]
 
 
 def main(argv: list[str] | None = None) -> int:
