@@ -189,7 +189,8 @@ def start_servers(names: list[str], users: int) -> dict[str, Any]:
     for name in names:
         server: Any
         if name == "natterd":
-            server = LocalServer("localhost", None, False, {"modules.mam": {"mode": "ephemeral"}})
+            settings = {"modules.mam": {"mode": "ephemeral"}, "server": {"event_loop": "uvloop"}}
+            server = LocalServer("localhost", None, False, settings)
         elif name == "prosody":
             server = ProsodyServer("localhost", muc_settings={"muc_room_locking": False})
         else:

@@ -259,9 +259,11 @@ class ServerConfig:
     """After loading: the absolute data directory (also ``Config.data_dir`` as a Path)."""
     name: str = "natterd"
     """Software name reported by XEP-0092."""
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
-    """uvloop (libuv) or the standard library's loop; uvloop measured +11 % chat msgs/s,
-    +25 % logins/s and -16 % memory per idle session (docs/benchmarks.md)."""
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """The standard library's loop, or uvloop (libuv): measured +11 % chat msgs/s, +25 %
+    logins/s and -16 % memory per idle session, but its RSS kept growing across cycles of
+    1,500 logins and logouts (+78, +64, +42 MB) where asyncio's levelled off; it stays
+    opt-in until that is understood (docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
