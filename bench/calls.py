@@ -43,7 +43,6 @@ from bench.load import _out, _warn, cpu_seconds, percentiles, process_cpu
 PTIME = 0.02
 MARK_EVERY = 25  # packets: one loud packet every 500 ms
 LOUD_BYTES = 40  # a payload at least this big is a loud packet (silence is ~3-10 bytes)
-DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"  # aiortc 1.x private name (as voip.relay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,10 +205,9 @@ class _Counter:
 
 
 def _count(pc: Any, track: Any, direction: Direction) -> None:
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        if receiver.track is track:
-            setattr(receiver, DECODER_QUEUE, _Counter(getattr(receiver, DECODER_QUEUE), direction))
+    from voip.relay import swap_decoder_queue
+
+    swap_decoder_queue(pc, track, lambda queue: _Counter(queue, direction))
 
 
 async def _relay_request(path: str, request: dict[str, Any]) -> str:

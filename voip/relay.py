@@ -171,32 +171,45 @@ class _NoWaitBuffer:
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
 
 
+def _receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> Any | None:
+    """The ``RTCRtpReceiver`` of ``pc`` whose track is ``track``."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.receiver.track is track:
+            return transceiver.receiver
+    return None
+
+
 def _no_wait(pc: RTCPeerConnection, track: MediaStreamTrack) -> bool:
     """Replace the jitter buffer of the receiver of ``track`` by a :class:`_NoWaitBuffer`."""
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        if receiver.track is track:
-            name = "_RTCRtpReceiver__jitter_buffer"
-            if not hasattr(getattr(receiver, name, None), "add"):
-                return False
-            setattr(receiver, name, _NoWaitBuffer())
-            return True
-    return False
+    receiver = _receiver(pc, track)
+    name = "_RTCRtpReceiver__jitter_buffer"
+    if receiver is None or not hasattr(getattr(receiver, name, None), "add"):
+        return False
+    setattr(receiver, name, _NoWaitBuffer())
+    return True
+
+
+def swap_decoder_queue(
+    pc: RTCPeerConnection, track: MediaStreamTrack, wrap: Callable[[Any], Any]
+) -> bool:
+    """Put ``wrap(queue)`` in place of the decoder queue of the receiver of ``track``: what
+    leaves aiortc's jitter buffer then goes to the wrapper (one private aiortc 1.x name, so
+    every tap of encoded audio goes through here)."""
+    receiver = _receiver(pc, track)
+    name = "_RTCRtpReceiver__decoder_queue"
+    original = getattr(receiver, name, None) if receiver is not None else None
+    if original is None or not hasattr(original, "put"):
+        return False
+    setattr(receiver, name, wrap(original))
+    return True
 
 
 def _tap(pc: RTCPeerConnection, track: MediaStreamTrack, out: ForwardTrack) -> bool:
     """Passthrough: take the encoded audio of ``track`` (received on ``pc``) for ``out``."""
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        if receiver.track is track:
-            name = "_RTCRtpReceiver__decoder_queue"
-            original = getattr(receiver, name, None)
-            if original is None or not hasattr(original, "put"):
-                return False
-            setattr(receiver, name, _PacketTap(original, out))
-            out.packets = asyncio.Queue()
-            return True
-    return False
+    if not swap_decoder_queue(pc, track, lambda queue: _PacketTap(queue, out)):
+        return False
+    out.packets = asyncio.Queue()
+    return True
 
 
 def parse_port_range(text: str) -> tuple[int, int] | None:

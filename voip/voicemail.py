@@ -40,7 +40,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
 from voip.jingle import NS_ICE_UDP, NS_JINGLE, candidate_to_sdp, jingle_to_sdp, sdp_to_jingle
-from voip.relay import ice_connections
+from voip.relay import ice_connections, swap_decoder_queue
 from xmpp_server.errors import UnexpectedRequest
 from xmpp_server.stanza import error_reply, iq_result, make, new_id, qn
 from xmpp_server.xml import Element
@@ -297,16 +297,7 @@ class _OpusTap:
 
 
 def _tap(pc: RTCPeerConnection, track: MediaStreamTrack, session: VoicemailSession) -> bool:
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        if receiver.track is track:
-            name = "_RTCRtpReceiver__decoder_queue"
-            original = getattr(receiver, name, None)
-            if original is None or not hasattr(original, "put"):
-                return False
-            setattr(receiver, name, _OpusTap(original, session))
-            return True
-    return False
+    return swap_decoder_queue(pc, track, lambda queue: _OpusTap(queue, session))
 
 
 def udp_sockets(pc: RTCPeerConnection) -> list[Any]:
