@@ -496,6 +496,37 @@ async def test_ephemeral_mode_archives_nothing_unless_a_user_opts_in(
             assert (await mam_query(bob)).results == []
 
 
+async def test_preferences_and_blocks_set_before_a_restart_hold_after_it(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """The server knows at start who has preferences or a blocklist and skips the lookup
+    for everyone else, so what was stored before must be in force from the first message."""
+    overrides = {"modules": {"mam": {"mode": "ephemeral"}}}
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        a, b = await add_user(server, "alice"), await add_user(server, "bob")
+        c = await add_user(server, "carol")
+        async with clients(MamClient(server, a), MamClient(server, c)) as (alice, carol):
+            alice.register_plugin("xep_0191")
+            await alice.login()
+            await carol.login()
+            await set_prefs(alice, "always")
+            await alice.plugin["xep_0191"].block(c)
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        async with clients(MamClient(server, a), MamClient(server, b), MamClient(server, c)) as (
+            alice,
+            bob,
+            carol,
+        ):
+            for client in (alice, bob, carol):
+                await client.login()
+            await chat(bob, alice, "kept for alice")
+            carol.send_message(mto=a, mbody="blocked still", mtype="chat")
+            await chat(bob, carol, "carol's message went first")
+            assert (await mam_query(alice)).bodies == ["kept for alice"]
+            assert (await mam_query(bob)).results == []
+            assert not [m for m in alice.messages.items if m["body"] == "blocked still"]
+
+
 async def test_override_denied_keeps_the_servers_mode(migrated_db_url: str, tmp_path: Path) -> None:
     overrides = {"modules": {"mam": {"mode": "ephemeral", "allow_user_override": False}}}
     async with running_server(migrated_db_url, tmp_path, overrides) as server:

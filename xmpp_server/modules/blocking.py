@@ -128,6 +128,10 @@ class Blocking(Module):
         self._epoch = 0  # bumped on every change so a load racing a change is not cached
         self._requested: dict[JID, set[JID]] = {}  # bare → full JIDs that fetched the list
         self._server = JID(None, host.domain)
+        # Who has blocked anyone at all, loaded at start: the others' (empty) lists need no
+        # query, so the first message of a session costs no round-trip. Only this module
+        # adds to blocklists; a stale member just costs one lookup.
+        self._with_lists: set[str] | None = None
 
     def setup(self) -> None:
         router = self.host.router
@@ -138,6 +142,9 @@ class Blocking(Module):
         router.add_filter("out", self.filter_out)
         router.on_unbound(self._session_closed)
 
+    async def start(self) -> None:
+        self._with_lists = await self.host.storage.blocklist.owners()
+
     # -- the list ---------------------------------------------------------------------
 
     async def blocklist(self, user: JID) -> frozenset[JID]:
@@ -145,6 +152,8 @@ class Blocking(Module):
         if cached is not None:
             self._cache.move_to_end(user)
             return cached
+        if self._with_lists is not None and str(user) not in self._with_lists:
+            return frozenset()
         epoch = self._epoch
         jids: list[JID] = []
         for text in await self.host.storage.blocklist.get(str(user)):
@@ -229,6 +238,8 @@ class Blocking(Module):
             await self.host.router.deliver(
                 make("presence", from_=source.jid, to=target, type="unavailable")
             )
+        if self._with_lists is not None:
+            self._with_lists.add(str(user))  # before the write: a racing load must query
         await self.host.storage.blocklist.add(str(user), [str(jid) for jid in jids])
         self._changed(user)
         session.deliver(iq_result(iq))

@@ -370,6 +370,10 @@ class Mam(Module):
         # Stored preferences per owner (None = none set): read on every message, changed rarely
         # and only through this module, so a bounded cache saves a query per message.
         self._prefs: OrderedDict[str, ArchivePrefs | None] = OrderedDict()
+        # Who has stored preferences at all, loaded at start: everyone else gets the server's
+        # mode without a query, so a user's first message after login costs no round-trip.
+        # Only this module writes preferences (a stale member just costs one lookup).
+        self._with_prefs: set[str] | None = None
         self._queue: list[tuple[str, ArchiveEntry]] = []  # written behind, in batches
         self._writer: asyncio.Task[None] | None = None
 
@@ -385,6 +389,8 @@ class Mam(Module):
         router.add_iq(IqKey("set", "bare", NS_MAM, "prefs"), self.on_set_prefs)
 
     async def start(self) -> None:
+        if self.options.allow_user_override:
+            self._with_prefs = await self.host.storage.archive.prefs_owners()
         newest = await self.host.storage.archive.newest_timestamp()
         if newest is not None:
             self._last_stamp = newest
@@ -421,6 +427,8 @@ class Mam(Module):
         """The preferences in force for ``owner``: theirs if they may and did set any."""
         if self.options.allow_user_override:
             key = str(owner)
+            if self._with_prefs is not None and key not in self._with_prefs:
+                return ArchivePrefs(self.default_mode)
             if key in self._prefs:
                 self._prefs.move_to_end(key)
                 stored = self._prefs[key]
@@ -610,5 +618,7 @@ class Mam(Module):
         assert el is not None
         prefs = parse_prefs(el)
         await self.host.storage.archive.set_prefs(str(owner), prefs)
+        if self._with_prefs is not None:
+            self._with_prefs.add(str(owner))
         self._prefs.pop(str(owner), None)
         session.deliver(iq_result(iq, prefs_element(prefs)))

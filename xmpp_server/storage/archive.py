@@ -365,6 +365,13 @@ class Archive(Store):
             if deleted < PURGE_BATCH:
                 return total
 
+    async def prefs_owners(self) -> set[str]:
+        """Every user who stored preferences (the others need no lookup)."""
+        P = ArchivePreference
+        async with self._sessions() as session:
+            rows = await session.execute(select(P.username, P.domain))
+            return {f"{username}@{domain}" for username, domain in rows}
+
     async def get_prefs(self, owner: str) -> ArchivePrefs | None:
         """The owner's stored preferences; None when they never set any."""
         domain, username = split_user(owner)

@@ -21,6 +21,12 @@ class Blocklists(Store):
             )
             return sorted(jids)
 
+    async def owners(self) -> set[str]:
+        """Every user with at least one blocked JID (the others need no lookup)."""
+        async with self._sessions() as session:
+            rows = await session.execute(select(BlockedJid.username, BlockedJid.domain).distinct())
+            return {f"{username}@{domain}" for username, domain in rows}
+
     async def add(self, user: str, jids: Sequence[str]) -> None:
         """Block the JIDs; blocking an already blocked JID is not an error."""
         domain, username = split_user(user)
