@@ -228,6 +228,12 @@ class EjabberdServer(PeerProcess):
         self.port, self.tls_port = free_ports(2)
         self.config_path.write_text(_yaml(self._config()) + "\n")
         self._accounts(users, prefix, password)
+        (self.dir / "spool").mkdir()
+        self.launch()
+
+    def launch(self) -> None:
+        libs = _libs()
+        assert libs is not None
         raise_nofile_limit()
         env = dict(
             os.environ,
@@ -239,8 +245,7 @@ class EjabberdServer(PeerProcess):
             HOME=str(self.dir),
         )
         spool = self.dir / "spool"
-        spool.mkdir()
-        with (self.dir / "ejabberd.out").open("wb") as out:
+        with (self.dir / "ejabberd.out").open("ab") as out:
             self.proc = subprocess.Popen(
                 [
                     self.erl,

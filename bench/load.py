@@ -23,7 +23,6 @@ import os
 import re
 import resource
 import secrets
-import shutil
 import signal
 import socket
 import ssl
@@ -40,6 +39,10 @@ from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, cast
+
+if not __package__:  # run as ``python bench/load.py``: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.peer import PeerProcess  # noqa: E402
 
 CPU_WARNING = 0.85  # of one core: above this a worker may be what limits the figures
 OTHERS_WARNING = 0.10  # of one core used by unrelated processes during a measurement
@@ -264,6 +267,7 @@ class Client(asyncio.Protocol):
         self.framer = Framer()
         self.closed = False
         self.jid = b""
+        self.stage = "connect"  # where a login is, for its failure reason
         self._queue: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._on_element: Callable[[bytes], None] | None = None
@@ -302,14 +306,14 @@ class Client(asyncio.Protocol):
     async def next_element(self) -> bytes:
         while not self._queue:
             if self.closed:
-                raise LoginError("connection closed by the server")
+                raise LoginError(f"connection closed by the server ({self.stage})")
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         el = self._queue.popleft()
         if el.startswith(b"<stream:error"):
             raise LoginError(f"stream error {first_child(el)}")
         if el.startswith(b"</stream:stream"):
-            raise LoginError("stream closed by the server")
+            raise LoginError(f"stream closed by the server ({self.stage})")
         return el
 
     def dispatch(self, on_element: Callable[[bytes], None], on_batch: Callable[[], None]) -> None:
@@ -364,6 +368,7 @@ async def login(client: Client, target: Target, context: ssl.SSLContext) -> None
     comes back (RFC 6121 §4.2.2), i.e. once the server has processed it."""
     loop = asyncio.get_running_loop()
     domain = target.domain
+    client.stage = "stream open"
     if target.tls == "direct":
         await loop.create_connection(
             lambda: client, target.host, target.port, ssl=context, server_hostname=domain
@@ -386,6 +391,7 @@ async def login(client: Client, target: Target, context: ssl.SSLContext) -> None
 
     if b">SCRAM-SHA-256<" not in features:
         raise LoginError("SCRAM-SHA-256 not offered")
+    client.stage = "sasl"
     scram = Scram(f"{target.user_prefix}{client.number}", target.password)
     client.send(
         b"<auth xmlns='"
@@ -416,7 +422,9 @@ async def login(client: Client, target: Target, context: ssl.SSLContext) -> None
     else:
         raise LoginError(f"SASL {first_child(el)}")
 
+    client.stage = "stream restart"
     features = await _open_stream(client, domain)
+    client.stage = "bind"
     if NS_BIND not in features:
         raise LoginError("resource binding not offered")
     bound = await _iq(
@@ -427,12 +435,14 @@ async def login(client: Client, target: Target, context: ssl.SSLContext) -> None
     session_at = features.find(NS_SESSION)
     if session_at >= 0 and b"<optional" not in features[session_at:]:
         await _iq(client, b"sess", b"<session xmlns='" + NS_SESSION + b"'/>")
+    client.stage = "initial presence"
     client.send(b"<presence/>")
     while True:
         el = await client.next_element()
         if el.startswith(b"<presence"):
             if attr(el, b"type") == b"error":
                 raise LoginError(f"presence error {first_child(el)}")
+            client.stage = "logged in"
             return
 
 
@@ -876,10 +886,12 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
     return table, key, value
 
 
-class LocalServer:
+class LocalServer(PeerProcess):
     """natterd as a subprocess in a temporary directory: SQLite there (or ``--db-url``), free
     loopback ports, no per-connection read rate and no login throttle, so the figures show
     the server's cost rather than its protections."""
+
+    name = "natterd"
 
     def __init__(
         self,
@@ -888,15 +900,14 @@ class LocalServer:
         keep: bool,
         settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="natter-bench-")), keep)
         self.domain = domain
-        self.keep = keep
         self.settings = settings or {}  # extra config tables, e.g. {"modules.mam": {...}}
-        self.dir = Path(tempfile.mkdtemp(prefix="natter-bench-"))
         self.data_dir = self.dir / "data"
         self.url = db_url or f"sqlite+aiosqlite:///{self.data_dir}/natterd.sqlite3"
         self.log_path = self.dir / "natterd.log"
+        self.config_path = self.dir / "natterd.toml"
         self.port, self.tls_port = 0, 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def cafile(self) -> str:
@@ -925,17 +936,20 @@ class LocalServer:
         }
         for name, values in self.settings.items():
             tables.setdefault(name, {}).update(values)
-        config = self.dir / "natterd.toml"
-        config.write_text(to_toml(tables))
-        with self.log_path.open("wb") as log:
+        self.config_path.write_text(to_toml(tables))
+        self.launch()
+
+    def launch(self) -> None:
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xmpp_server", "--config", str(config), "run"],
+                [sys.executable, "-m", "xmpp_server", "--config", str(self.config_path), "run"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 60
-        while b"natterd serving" not in self.log_path.read_bytes():
+        while b"natterd serving" not in self.log_path.read_bytes()[start:]:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"natterd exited with {self.proc.returncode}:\n{self.log_tail()}"
@@ -944,25 +958,8 @@ class LocalServer:
                 raise RuntimeError(f"natterd did not start within 60 s:\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.keep:
-            _warn(f"kept {self.dir} (natterd.log, natterd.toml, data/)")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+    def log_files(self) -> list[Path]:
+        return [self.log_path]
 
 
 def rss_kib(pid: int | None) -> int | None:

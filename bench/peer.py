@@ -1,6 +1,7 @@
-"""What the private peer servers of the benchmarks (``bench.prosody``, ``bench.ejabberd``)
-share: a process in a temporary directory, started until its ports accept connections,
-stopped with SIGTERM, its directory removed unless kept."""
+"""What the private servers of the benchmarks (``bench.load.LocalServer``, ``bench.prosody``,
+``bench.ejabberd``) share: a process in a temporary directory, started until it is ready,
+restarted on the same directory and ports (a fresh process, e.g. to measure memory without a
+previous run's grown heap), stopped with SIGTERM, its directory removed unless kept."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ class PeerProcess:
 
     def log_files(self) -> list[Path]:
         return []
+
+    def launch(self) -> None:
+        """Start the process on what ``start`` prepared; return once it serves."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """A fresh process with the same data, config and ports."""
+        self.terminate()
+        self.launch()
 
     def log_tail(self, lines: int = 20) -> str:
         text = ""
@@ -58,7 +68,8 @@ class PeerProcess:
                     continue
             time.sleep(poll)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """End the process (SIGTERM, then SIGKILL after ``stop_timeout``); keep its files."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -66,6 +77,9 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self.terminate()
         if self.keep:
             sys.stderr.write(f"bench: kept {self.dir}\n")
         else:

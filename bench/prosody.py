@@ -179,8 +179,11 @@ class ProsodyServer(PeerProcess):
         self.config_path.write_text(self._config())
         if users:
             self.register(users, prefix, password)
+        self.launch()
+
+    def launch(self) -> None:
         raise_nofile_limit()  # inherited: a thousand clients need more than 1024 descriptors
-        with (self.dir / "prosody.out").open("wb") as out:
+        with (self.dir / "prosody.out").open("ab") as out:
             self.proc = subprocess.Popen(
                 [self.prosody, "--config", str(self.config_path), "-F"],
                 stdin=subprocess.DEVNULL,
