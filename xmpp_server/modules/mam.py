@@ -29,7 +29,7 @@ import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -105,7 +105,8 @@ _CONTENT = frozenset(
         *JMI_TAGS,  # XEP-0353 call signalling: devices that were away learn of calls
     }
 )
-_NO_STORE = (qn(NS_HINTS, "no-store"), qn(NS_HINTS, "no-permanent-store"))
+_NO_STORE = frozenset({qn(NS_HINTS, "no-store"), qn(NS_HINTS, "no-permanent-store")})
+_STORE = qn(NS_HINTS, "store")
 _FIELDS = ("with", "start", "end", "before-id", "after-id", "ids")
 
 
@@ -128,11 +129,16 @@ def should_archive(message: Element) -> bool:
     type_ = message.get("type", "normal")
     if type_ in ("error", "groupchat"):
         return False  # groupchat goes to room archives, on the room's JID
-    if any(message.find(hint) is not None for hint in _NO_STORE):
-        return False
-    if message.find(qn(NS_HINTS, "store")) is not None:
-        return True
-    return type_ in ("chat", "normal") and any(child.tag in _CONTENT for child in message)
+    content = store = False
+    for child in message:  # one pass over the children: this runs for every message twice
+        tag = child.tag
+        if tag in _NO_STORE:
+            return False
+        if tag == _STORE:
+            store = True
+        elif tag in _CONTENT:
+            content = True
+    return store or (content and type_ in ("chat", "normal"))
 
 
 def stored_copy(message: Element, domain: str) -> tuple[str, str | None]:
@@ -365,6 +371,7 @@ class Mam(Module):
             # Disco reads the features of the instance: this one offers no search.
             setattr(self, "account_features", (NS_MAM, NS_MAM_EXTENDED))  # noqa: B010
         self.default_mode: DefaultMode = "always" if options.mode == "archive" else "never"
+        self._server_prefs = ArchivePrefs(self.default_mode)  # frozen: one for everyone
         self._purger: asyncio.Task[None] | None = None
         self._last_stamp = datetime.min.replace(tzinfo=UTC)
         # Stored preferences per owner (None = none set): read on every message, changed rarely
@@ -428,7 +435,7 @@ class Mam(Module):
         if self.options.allow_user_override:
             key = str(owner)
             if self._with_prefs is not None and key not in self._with_prefs:
-                return ArchivePrefs(self.default_mode)
+                return self._server_prefs
             if key in self._prefs:
                 self._prefs.move_to_end(key)
                 stored = self._prefs[key]
@@ -439,7 +446,7 @@ class Mam(Module):
                     self._prefs.popitem(last=False)
             if stored is not None:
                 return stored
-        return ArchivePrefs(self.default_mode)
+        return self._server_prefs
 
     async def wanted(self, owner: JID, peer: JID) -> bool:
         """Whether ``owner``'s preferences archive messages with ``peer`` (XEP-0441)."""
@@ -458,7 +465,7 @@ class Mam(Module):
         sender = JID.parse(message.get("from", ""))
         # A message to oneself is archived once, on the way in, under the id the client sees.
         if sender.bare != to.bare and should_archive(message):
-            await self._archive(sender.bare, to, "out", message, new_stanza_id())
+            await self._archive(sender.bare, to, "out", message, new_stanza_id)
         return False
 
     async def on_incoming(self, origin: Session | None, message: Element, to: JID) -> bool:
@@ -466,8 +473,13 @@ class Mam(Module):
         if should_archive(message):
             sender = JID.parse(message.get("from") or self.host.domain)
             owner = to.bare
-            sid = stanza_id(message, owner) or stamp(message, owner)
-            await self._archive(owner, sender, "in", message, sid)
+            await self._archive(
+                owner,
+                sender,
+                "in",
+                message,
+                lambda: stanza_id(message, owner) or stamp(message, owner),
+            )
         return False
 
     def next_stamp(self) -> datetime:
@@ -485,18 +497,19 @@ class Mam(Module):
         return now
 
     async def _archive(
-        self, owner: JID, peer: JID, direction: Direction, message: Element, sid: str
+        self, owner: JID, peer: JID, direction: Direction, message: Element, sid: Callable[[], str]
     ) -> None:
         """Queue the copy for the next batch: the archive is history, not the delivery path
         (that is the offline queue and stream management), so it is written behind, many
-        messages per commit. Queries wait for the queue first, so they see every message."""
+        messages per commit. Queries wait for the queue first, so they see every message.
+        ``sid`` makes the copy's id only once it is wanted (ephemeral mode archives none)."""
         try:
             if not await self.wanted(owner, peer):
                 return
         except (SQLAlchemyError, OSError):
             log.exception("could not read the archiving preferences of %s", owner)
             return
-        self.enqueue(owner, peer, direction, message, sid)
+        self.enqueue(owner, peer, direction, message, sid())
 
     def enqueue(
         self, owner: JID, peer: JID, direction: Direction, message: Element, sid: str

@@ -201,10 +201,11 @@ class Push(Module):
         return True
 
     def on_delivered(self, message: Element, user: JID, sessions: list[Session]) -> None:
-        if not sessions or not all(
-            getattr(s, "inactive", False) or getattr(s, "detached", False) for s in sessions
-        ):
+        if not sessions:
             return
+        for s in sessions:  # a loop, not all(<genexpr>): this runs for every delivery
+            if not (getattr(s, "inactive", False) or getattr(s, "detached", False)):
+                return
         if message.get("type", "normal") not in ("chat", "normal"):
             return
         if message.find(PROPOSE) is not None:
