@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from tests.helpers import feed_bytewise
 from xmpp_server.errors import StreamError
 from xmpp_server.xml import (
     XML_LANG,
+    Element,
     ElementReceived,
     StreamClosed,
     StreamOpened,
@@ -162,3 +165,17 @@ def test_billion_laughs_never_expands() -> None:
 def test_external_entity_is_refused() -> None:
     xxe = b"<!DOCTYPE x [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]><x>&xxe;</x>"
     assert error_of(xxe).condition == "restricted-xml"
+
+
+@pytest.mark.parametrize("special", ["&", "<", ">", '"', "\n", "\r", "\t", "'", "plain"])
+def test_each_special_character_survives_a_round_trip(special: str) -> None:
+    """Serialisation skips escaping for values without specials; each one must still be
+    escaped where it appears: in an attribute, in text and in a tail."""
+    value = f"a{special}b"
+    el = Element("{jabber:client}message", {"id": value})
+    body = ET.SubElement(el, "{jabber:client}body")
+    body.text = value
+    body.tail = value
+    again = fromstring(tostring(el))
+    assert again.get("id") == value
+    assert again[0].text == value and again[0].tail == value

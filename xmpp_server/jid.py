@@ -84,7 +84,7 @@ class JID:
 
     @property
     def bare(self) -> JID:
-        return self if self.resource is None else JID(self.local, self.domain)
+        return self if self.resource is None else _bare(self.local, self.domain)
 
     @property
     def is_bare(self) -> bool:
@@ -104,6 +104,13 @@ class JID:
         if self.resource is not None:
             text = f"{text}/{self.resource}"
         return text
+
+
+@lru_cache(maxsize=16384)
+def _bare(local: str | None, domain: str) -> JID:
+    """Routing takes the bare JID of every stanza: a cache hit is cheaper than building a
+    frozen dataclass."""
+    return JID(local, domain)
 
 
 @lru_cache(maxsize=16384)

@@ -10,6 +10,7 @@ The serializer writes elements back with minimal namespace declarations.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ class StreamOpened:
     default_ns: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to make, one per stanza
 class ElementReceived:
     element: Element
 
@@ -60,6 +61,13 @@ XmlEvent = StreamOpened | ElementReceived | StreamClosed
 def _qname(name: str) -> str:
     ns, sep, local = name.rpartition(" ")
     return f"{{{ns}}}{local}" if sep else name
+
+
+# expat's "ns local" names as ElementTree's "{ns}local": the same few dozen names arrive in
+# every stanza, so they are converted once. Bounded, so a client inventing names cannot
+# grow it; past the bound names are converted each time.
+_QNAMES: dict[str, str] = {}
+_QNAMES_MAX = 4096
 
 
 class XmlStreamParser:
@@ -84,6 +92,10 @@ class XmlStreamParser:
         p.ProcessingInstructionHandler = self._restricted
         p.SkippedEntityHandler = self._restricted
         self._parser = p
+        # The limits as plain attributes: _start runs for every element.
+        self._max_depth = self.limits.max_depth
+        self._max_attributes = self.limits.max_attributes
+        self._max_attribute_value = self.limits.max_attribute_value
         self._events: list[XmlEvent] = []
         self._stack: list[Element] = []
         self._text_parts: list[str] = []
@@ -124,17 +136,20 @@ class XmlStreamParser:
             self._default_ns = uri
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
-        limits = self.limits
-        if len(attrs) > limits.max_attributes:
-            raise StreamError("policy-violation", "too many attributes")
-        for value in attrs.values():
-            if len(value) > limits.max_attribute_value:
+        if attrs:
+            if len(attrs) > self._max_attributes:
+                raise StreamError("policy-violation", "too many attributes")
+            if max(map(len, attrs.values())) > self._max_attribute_value:
                 raise StreamError("policy-violation", "attribute value too long")
+            if " " in "".join(attrs):  # a namespaced attribute
+                attrs = {_qname(k): v for k, v in attrs.items()}
         depth = self._depth
         self._depth = depth + 1
-        tag = _qname(name)
-        if any(" " in key for key in attrs):
-            attrs = {_qname(k): v for k, v in attrs.items()}
+        tag = _QNAMES.get(name)
+        if tag is None:
+            tag = _qname(name)
+            if len(_QNAMES) < _QNAMES_MAX:
+                _QNAMES[name] = tag
         if depth == 0:
             if tag != STREAM_TAG:
                 if tag.endswith("}stream") or tag == "stream":
@@ -144,9 +159,10 @@ class XmlStreamParser:
                 raise StreamError("not-well-formed", "expected <stream:stream>")
             self._events.append(StreamOpened(dict(attrs), self._default_ns))
             return
-        if depth > limits.max_depth:
+        if depth > self._max_depth:
             raise StreamError("policy-violation", "elements nested too deeply")
-        self._flush_text()
+        if self._text_parts:
+            self._flush_text()
         if depth == 1:
             self._stanza_start = self._parser.CurrentByteIndex
             if self._stanza_start < 0:
@@ -162,7 +178,8 @@ class XmlStreamParser:
             self._closed = True
             self._events.append(StreamClosed())
             return
-        self._flush_text()
+        if self._text_parts:
+            self._flush_text()
         element = self._stack.pop()
         if not self._stack:
             self._stanza_start = -1
@@ -189,7 +206,8 @@ class XmlStreamParser:
 
 # -- serialisation --------------------------------------------------------------------
 
-_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+# A raw CR would come back as LF (XML end-of-line handling), so it is written as a reference.
+_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
 _ATTR_ESCAPES = str.maketrans(
     {
         "&": "&amp;",
@@ -203,19 +221,37 @@ _ATTR_ESCAPES = str.maketrans(
 )
 
 
+_ATTR_SPECIAL = re.compile('[&<>"\n\r\t]')
+
+
+# Most text and attribute values need no escaping; looking is far cheaper than translate().
 def escape_text(text: str) -> str:
-    return text.translate(_TEXT_ESCAPES)
+    if "&" in text or "<" in text or ">" in text or "\r" in text:
+        return text.translate(_TEXT_ESCAPES)
+    return text
 
 
 def escape_attr(text: str) -> str:
+    if _ATTR_SPECIAL.search(text) is None:
+        return text
     return text.translate(_ATTR_ESCAPES)
 
 
+_SPLITS: dict[str, tuple[str, str]] = {}  # bounded like _QNAMES
+
+
 def _split(tag: str) -> tuple[str, str]:
+    parts = _SPLITS.get(tag)
+    if parts is not None:
+        return parts
     if tag[:1] == "{":
         ns, _, local = tag[1:].partition("}")
-        return ns, local
-    return "", tag
+        parts = ns, local
+    else:
+        parts = "", tag
+    if len(_SPLITS) < _QNAMES_MAX:
+        _SPLITS[tag] = parts
+    return parts
 
 
 def _write(el: Element, parent_ns: str, out: list[str]) -> None:
@@ -243,11 +279,11 @@ def _write(el: Element, parent_ns: str, out: list[str]) -> None:
     if el.text or len(el):
         out.append(">")
         if el.text:
-            out.append(el.text.translate(_TEXT_ESCAPES))
+            out.append(escape_text(el.text))
         for child in el:
             _write(child, ns, out)
             if child.tail:
-                out.append(child.tail.translate(_TEXT_ESCAPES))
+                out.append(escape_text(child.tail))
         out.append(f"</{local}>")
     else:
         out.append("/>")
