@@ -448,6 +448,16 @@ class Mam(Module):
                 return stored
         return self._server_prefs
 
+    def _keeps_nothing_for(self, owner: JID) -> bool:
+        """True when ``owner``'s archive takes nothing whatever the message: the server
+        archives nothing by default and they never asked otherwise (ephemeral mode's
+        common case, checked before any other work per message)."""
+        if self.default_mode != "never":
+            return False
+        if not self.options.allow_user_override:
+            return True
+        return self._with_prefs is not None and str(owner) not in self._with_prefs
+
     async def wanted(self, owner: JID, peer: JID) -> bool:
         """Whether ``owner``'s preferences archive messages with ``peer`` (XEP-0441)."""
         prefs = await self.prefs(owner)
@@ -463,6 +473,8 @@ class Mam(Module):
     async def on_sent(self, origin: Session | None, message: Element, to: JID) -> bool:
         """The sender's copy, under an id of its own."""
         sender = JID.parse(message.get("from", ""))
+        if self._keeps_nothing_for(sender.bare):
+            return False
         # A message to oneself is archived once, on the way in, under the id the client sees.
         if sender.bare != to.bare and should_archive(message):
             await self._archive(sender.bare, to, "out", message, new_stanza_id)
@@ -470,7 +482,7 @@ class Mam(Module):
 
     async def on_incoming(self, origin: Session | None, message: Element, to: JID) -> bool:
         """The recipient's copy, under the stanza-id the recipient receives."""
-        if should_archive(message):
+        if not self._keeps_nothing_for(to.bare) and should_archive(message):
             sender = JID.parse(message.get("from") or self.host.domain)
             owner = to.bare
             await self._archive(
