@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stun.auth import Credentials, LongTermAuth
+from stun.binding import binding_success, software_attribute
 from stun.errors import StunError
 from stun.message import (
     CHANGE_IP,
@@ -80,6 +81,16 @@ class StunServer:
         self.alternate = alternate
         self.software = software
 
+    @property
+    def software(self) -> str | None:
+        """SOFTWARE in every answer to an RFC 8489 request (None: not sent)."""
+        return self._software
+
+    @software.setter
+    def software(self, value: str | None) -> None:
+        self._software = value
+        self._software_attribute = software_attribute(value)  # for the fast Binding answer
+
     # -----------------------------------------------------------------------------------------
     # Input
 
@@ -91,6 +102,12 @@ class StunServer:
         if _looks_like_request(data) and not self.limiter.allow(endpoint.client[0], now):
             self.stats.rate_limited += 1
             return
+        if self.alternate is None:  # RFC 5780 answers name other addresses: general path
+            answer = binding_success(data, endpoint.client, self._software_attribute)
+            if answer is not None:
+                self.stats.requests["BINDING"] += 1
+                self.network.send(endpoint, answer, None)
+                return
         try:
             message = parse_message(data, classic=True)
         except ValueError as exc:

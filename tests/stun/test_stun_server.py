@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from stun.binding import binding_success, software_attribute
 from stun.message import Class, Message, Method, parse_message
 from stun.network import Endpoint
 from stun.ratelimit import RateLimiter
@@ -206,3 +209,49 @@ def test_response_bytes_are_well_formed() -> None:
     Client(server, network).send(binding())
     parse_message(network.sent[-1][1])
     assert network.sent[-1][0] == UDP
+
+
+def _general_path_answer(request: bytes, endpoint: Endpoint, software: str | None) -> bytes:
+    """What the parser-and-attribute-table path sends for ``request``."""
+    server, network = make_server(turn=False, alternate=None)
+    server.software = software
+    server._request(parse_message(request), endpoint, NOW)
+    return network.sent[-1][1]
+
+
+@pytest.mark.parametrize("fingerprint", [False, True])
+@pytest.mark.parametrize("software", ["natterd", "natterd 1.0", None])
+@pytest.mark.parametrize(
+    "endpoint",
+    [UDP, Endpoint("tcp", ("2001:db8::7", 50000), ("2001:db8::1", 3478))],
+    ids=["ipv4-udp", "ipv6-tcp"],
+)
+def test_plain_binding_fast_answer_is_the_general_answer_byte_for_byte(
+    fingerprint: bool, software: str | None, endpoint: Endpoint
+) -> None:
+    request = binding()
+    if fingerprint:
+        request.add_fingerprint()
+    data = bytes(request)
+    fast = binding_success(data, endpoint.client, software_attribute(software))
+    assert fast is not None
+    assert fast == _general_path_answer(data, endpoint, software)
+    parsed = parse_message(fast)  # checks the FINGERPRINT
+    assert parsed.attributes["XOR-MAPPED-ADDRESS"] == endpoint.client
+
+
+def test_only_plain_binding_requests_take_the_fast_answer() -> None:
+    plain = bytes(binding())
+    corrupt = binding()
+    corrupt.add_fingerprint()
+    bad_crc = bytes(corrupt)[:-1] + bytes([bytes(corrupt)[-1] ^ 1])
+    others = {
+        "with an attribute": bytes(binding(**{"PRIORITY": 5})),
+        "a bad FINGERPRINT": bad_crc,
+        "an indication": bytes(Message(Method.BINDING, Class.INDICATION)),
+        "RFC 3489 (no cookie)": plain[:4] + b"\x00\x00\x00\x00" + plain[8:],
+        "a length that lies": plain[:2] + b"\x00\x08" + plain[4:],
+        "truncated": plain[:19],
+    }
+    for what, data in others.items():
+        assert binding_success(data, CLIENT, b"") is None, what
