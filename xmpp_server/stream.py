@@ -399,6 +399,7 @@ class Stream:
 
     def _restart(self) -> None:
         """Start a new stream on the same connection (after TLS or SASL)."""
+        self._parser.release()
         self._parser = XmlStreamParser(self.settings.limits)
         self._header_sent = False
         self._held.clear()
