@@ -115,9 +115,10 @@ def ensure_certificate(config: Config) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-# A TLS record carries at most 16 KiB of plaintext plus 256 bytes of expansion and a 5-byte
-# header (RFC 8446 §5.2); one record per read is enough for XMPP.
-TLS_READ_BUFFER = 16384 + 256 + 5
+# Ciphertext read per recv() and plaintext per SSLObject.read(), allocated per connection.
+# 8 KiB holds any chat stanza's record; a full 16 KiB record (RFC 8446 §5.2) takes two reads,
+# which only bulk transfers (uploads) see. 16,645 bytes here was 8 KiB more per idle session.
+TLS_READ_BUFFER = 8192
 
 
 def limit_asyncio_tls_buffers() -> None:
@@ -126,8 +127,8 @@ def limit_asyncio_tls_buffers() -> None:
     ``asyncio.sslproto.SSLProtocol`` reads from the socket into a ``bytearray(max_size)``
     made when the connection is accepted, 256 KiB by default: with thousands of idle
     sessions that buffer alone is most of the server's memory (342 KiB of RSS per idle
-    session was measured, against ejabberd's ~51 KiB). One TLS record per read costs a few
-    more ``recv`` calls on bulk uploads and nothing on chat traffic.
+    session was measured, against ejabberd's ~51 KiB). Smaller reads cost a few more
+    ``recv`` calls on bulk uploads and nothing on chat traffic.
     """
     from asyncio import sslproto
 

@@ -92,7 +92,7 @@ class XmlStreamParser:
 
     def __init__(self, limits: XmlLimits | None = None) -> None:
         self.limits = limits or XmlLimits()
-        p = expat.ParserCreate("UTF-8", " ")
+        p = expat.ParserCreate("UTF-8", " ", intern=None)
         p.buffer_text = True
         p.buffer_size = TEXT_BUFFER  # allocated per parser, i.e. per idle session
         p.ordered_attributes = False
