@@ -187,7 +187,7 @@ def start_servers(names: list[str], users: int) -> dict[str, Any]:
     for name in names:
         server: Any
         if name == "natterd":
-            settings = {"modules.mam": {"mode": "ephemeral"}, "server": {"event_loop": "uvloop"}}
+            settings = {"modules.mam": {"mode": "ephemeral"}}
             server = LocalServer("localhost", None, False, settings)
         elif name == "prosody":
             server = ProsodyServer("localhost", muc_settings={"muc_room_locking": False})
