@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -60,6 +62,11 @@ class Offline(Module):
         self._in_flight: dict[str, set[int]] = {}  # delivered, not yet confirmed
         self._to_delete: dict[str, list[int]] = {}
         self._deleting: asyncio.Future[None] | None = None
+        # Batches of confirmed rows deleted so far: a queue read before a deletion finished
+        # may hold rows another resource already had, so it is read again.
+        self._deletions = 0
+        # id(session) → (stamp, queue) while its initial presence runs
+        self._prefetched: dict[int, tuple[int, list[tuple[int, str]]]] = {}
 
     def setup(self) -> None:
         self.host.router.add_hook("message/offline", self.store)
@@ -79,14 +86,41 @@ class Offline(Module):
             raise ResourceConstraint(f"the recipient's offline storage is full ({limit} messages)")
         return True
 
+    def stamp(self) -> int:
+        """Take before reading a queue to hand to :meth:`prefetched`."""
+        return self._deletions
+
+    @contextmanager
+    def prefetched(
+        self, session: Session, stamp: int, rows: list[tuple[int, str]]
+    ) -> Iterator[None]:
+        """Let a flush of ``session`` within the block send ``rows``, read by the caller with
+        its other login queries (see Storage.initial_presence), instead of reading again."""
+        key = id(session)
+        self._prefetched[key] = (stamp, rows)
+        try:
+            yield
+        finally:
+            self._prefetched.pop(key, None)
+
+    def _take_prefetched(self, session: Session) -> list[tuple[int, str]] | None:
+        entry = self._prefetched.pop(id(session), None)
+        if entry is None or entry[0] != self._deletions:
+            return None
+        return entry[1]
+
     async def flush(self, session: Session) -> None:
         """Send the stored messages in order; each row is deleted only once the client
         acknowledged it (XEP-0198) or, without stream management, once it was written."""
         if session.priority < 0:
             return
         user = str(session.jid.bare)
+        rows = self._take_prefetched(session)
+        if rows is None:
+            rows = await self.host.storage.offline.fetch(user)
+        # After the read: a deletion finishing meanwhile may have dropped the user's set.
         in_flight = self._in_flight.setdefault(user, set())
-        for msg_id, xml in await self.host.storage.offline.fetch(user):
+        for msg_id, xml in rows:
             if msg_id in in_flight:
                 continue  # another resource has it and has not confirmed yet
             in_flight.add(msg_id)
@@ -110,6 +144,7 @@ class Offline(Module):
         while self._to_delete:
             user, ids = self._to_delete.popitem()
             await self.host.storage.offline.delete(user, ids)
+            self._deletions += 1
             in_flight = self._in_flight.get(user)
             if in_flight is not None:
                 in_flight.difference_update(ids)

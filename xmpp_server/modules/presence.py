@@ -8,11 +8,13 @@ sender's roster (only when a client sent it), then as inbound for the contact's.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
+from xmpp_server.modules.offline import Offline
 from xmpp_server.modules.roster import Roster
 from xmpp_server.router import Session
 from xmpp_server.stanza import clone, make
@@ -73,17 +75,22 @@ class Presence(Module):
             origin.available = True
             origin.priority = _priority(stanza)
             origin.presence = stanza
-            await self._broadcast(origin, stanza)
             if initial:
-                await self._initial(origin)
+                await self._initial(origin, stanza)
+            else:
+                await self._broadcast(origin, stanza)
         elif type_ == "unavailable":
             await self._unavailable(origin, stanza)
         return True
 
-    async def _broadcast(self, origin: Session, stanza: Element) -> None:
+    async def _broadcast(
+        self, origin: Session, stanza: Element, roster: list[RosterItem] | None = None
+    ) -> None:
         user = origin.jid.bare
         router = self.host.router
-        for item in await self.host.storage.rosters.items(str(user)):
+        if roster is None:
+            roster = await self.host.storage.rosters.items(str(user))
+        for item in roster:
             if item.subscription in HAS_FROM:
                 out = clone(stanza)
                 out.set("to", item.jid)
@@ -99,18 +106,30 @@ class Presence(Module):
                 await router.deliver(out)
             origin.directed.clear()
 
-    async def _initial(self, origin: Session) -> None:
-        """§4.3: probe the contacts we are subscribed to; redeliver pending requests."""
-        user = origin.jid.bare
-        storage = self.host.storage
-        router = self.host.router
-        for item in await storage.rosters.items(str(user)):
+    async def _initial(self, origin: Session, stanza: Element) -> None:
+        """§4.2-4.3: broadcast, probe the contacts we are subscribed to, redeliver pending
+        requests, then let the offline queue flush. This runs at every login, so the roster,
+        the requests and the queue are read once, together. They are read after
+        ``origin.available`` is set: what arrives meanwhile is delivered live, not missed."""
+        offline = self.host.modules.get("offline")
+        if not isinstance(offline, Offline) or origin.priority < 0:
+            offline = None  # no flush will run
+        stamp = offline.stamp() if offline is not None else 0
+        state = await self.host.storage.initial_presence(
+            str(origin.jid.bare), offline=offline is not None
+        )
+        await self._broadcast(origin, stanza, state.roster)
+        for item in state.roster:
             if item.subscription not in HAS_TO:
                 continue
             await self._send_current(JID.parse(item.jid), origin.jid)
-        for _contact, xml in await storage.subscriptions.list(str(user)):
+        for _contact, xml in state.pending:
             origin.deliver(fromstring(xml))
-        await router.session_available(origin)
+        held: AbstractContextManager[None] = nullcontext()
+        if offline is not None:
+            held = offline.prefetched(origin, stamp, state.offline)
+        with held:
+            await self.host.router.session_available(origin)
 
     async def _unavailable(self, session: Session, stanza: Element) -> None:
         if not session.available:

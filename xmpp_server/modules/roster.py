@@ -54,16 +54,15 @@ class Roster(Module):
     async def get(self, origin: Session | None, iq: Element) -> None:
         user = own_account(origin, iq)
         assert origin is not None
-        rosters = self.host.storage.rosters
-        version = str(await rosters.version(str(user)))
-        origin.interested = True
         query = iq.find(qn(NS_ROSTER, "query"))
         assert query is not None
-        if query.get("ver") == version:
+        origin.interested = True  # before the read: a change committed meanwhile is pushed
+        version, items = await self.host.storage.rosters.snapshot(str(user), query.get("ver"))
+        if items is None:
             origin.deliver(iq_result(iq))  # §2.6.3: nothing changed, pushes will follow
             return
-        result = Element(qn(NS_ROSTER, "query"), {"ver": version})
-        result.extend(item_element(item) for item in await rosters.items(str(user)))
+        result = Element(qn(NS_ROSTER, "query"), {"ver": str(version)})
+        result.extend(item_element(item) for item in items)
         origin.deliver(iq_result(iq, result))
 
     async def set(self, origin: Session | None, iq: Element) -> None:

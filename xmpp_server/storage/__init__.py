@@ -6,6 +6,7 @@ The same code runs on PostgreSQL (``postgresql+asyncpg://…``) and SQLite
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -22,16 +23,16 @@ from .archive import (
     UnknownArchiveId,
 )
 from .blocklist import Blocklists
-from .db import hide_password, is_memory_sqlite, make_engine, sqlite_file
+from .db import hide_password, is_memory_sqlite, make_engine, reading, split_user, sqlite_file
 from .errors import AccountExists, AccountNotFound, NotMigrated, RoomNotFound
 from .last_activity import LastActivity
 from .migrations import head_revision, is_known_revision, revision_of, upgrade_engine
-from .offline import OfflineMessages
+from .offline import OfflineMessages, read_queue
 from .pep import PepNodes, StoredPepItem, StoredPepNode
 from .push import PushRegistrations, StoredPushRegistration
 from .rooms import Affiliation, Rooms, StoredRoom
-from .rosters import RosterItem, Rosters
-from .subscriptions import PendingSubscriptions
+from .rosters import RosterItem, Rosters, read_items
+from .subscriptions import PendingSubscriptions, read_pending
 from .uploads import Uploads
 from .vcards import VCards
 
@@ -47,6 +48,7 @@ __all__ = [
     "ArchivePage",
     "ArchivePrefs",
     "Blocklists",
+    "InitialPresence",
     "LastActivity",
     "NotMigrated",
     "OfflineMessages",
@@ -65,6 +67,15 @@ __all__ = [
     "UnknownArchiveId",
     "VCards",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class InitialPresence:
+    """What a session's initial presence reads (RFC 6121 §4.2-4.3, XEP-0160)."""
+
+    roster: list[RosterItem]
+    pending: list[tuple[str, str]]  # inbound subscription requests: (contact, stanza xml)
+    offline: list[tuple[int, str]]  # (id, xml), oldest first; empty unless asked for
 
 
 class Storage:
@@ -88,6 +99,17 @@ class Storage:
         self.pep = PepNodes(self.sessions, dialect)
         self.uploads = Uploads(self.sessions, dialect)
         self.push = PushRegistrations(self.sessions, dialect)
+
+    async def initial_presence(self, user: str, *, offline: bool) -> InitialPresence:
+        """Roster, pending subscription requests and (with ``offline``) the offline queue,
+        on one connection checkout: this runs at every login, and each checkout and release
+        costs more event-loop time than these small queries."""
+        domain, username = split_user(user)
+        async with reading(self.engine) as conn:
+            roster = await read_items(conn, domain, username)
+            pending = await read_pending(conn, domain, username)
+            queue = await read_queue(conn, domain, username) if offline else []
+        return InitialPresence(roster, pending, queue)
 
     @classmethod
     async def open(cls, url: str, *, require_migrated: bool = True) -> Storage:

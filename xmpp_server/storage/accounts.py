@@ -7,12 +7,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 
 from ..credentials import ScramCredentials
-from .db import Store, split_user
+from .db import Store, split_user, table_of
 from .errors import AccountExists, AccountNotFound
 from .tables import Account, AccountCredential, user_tables
+
+_accounts = table_of(Account)
+_credentials = table_of(AccountCredential)
+
+# Built once: a constant statement's cache key is memoised, so every login reuses the
+# compiled SQL without walking the statement again.
+_CREDENTIALS = (
+    select(
+        _credentials.c.salt,
+        _credentials.c.iterations,
+        _credentials.c.stored_key,
+        _credentials.c.server_key,
+    )
+    .select_from(_credentials.join(_accounts, _accounts.c.id == _credentials.c.account_id))
+    .where(
+        _accounts.c.domain == bindparam("domain"),
+        _accounts.c.username == bindparam("username"),
+        _credentials.c.mechanism == bindparam("mechanism"),
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +87,16 @@ class Accounts(Store):
         return found is not None
 
     async def credentials(self, user: str, mechanism: str) -> ScramCredentials | None:
+        """Read from the database at every login, never cached, so a password changed by
+        another process (``natterctl user passwd``) takes effect at once."""
         domain, username = split_user(user)
-        stmt = (
-            select(AccountCredential)
-            .join(Account, Account.id == AccountCredential.account_id)
-            .where(
-                Account.domain == domain,
-                Account.username == username,
-                AccountCredential.mechanism == mechanism,
-            )
-        )
-        async with self._sessions() as session:
-            row = await session.scalar(stmt)
+        params = {"domain": domain, "username": username, "mechanism": mechanism}
+        async with self._connect() as conn:
+            row = (await conn.execute(_CREDENTIALS, params)).first()
         if row is None:
             return None
-        return ScramCredentials(
-            row.mechanism, row.salt, row.iterations, row.stored_key, row.server_key
-        )
+        salt, iterations, stored_key, server_key = row
+        return ScramCredentials(mechanism, salt, iterations, stored_key, server_key)
 
     async def set_credentials(self, user: str, credentials: Sequence[ScramCredentials]) -> None:
         """Replace all credentials: a mechanism left out stops working, so an old password

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import URL, event, make_url
+from sqlalchemy import URL, Table, event, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -27,6 +32,13 @@ def split_user(user: str) -> tuple[str, str]:
     if not at or not username or not domain or "/" in domain:
         raise ValueError(f"not a bare user JID: {user!r}")
     return domain, username
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table of a mapped class, for statements that skip the ORM's per-query cost."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def is_memory_sqlite(url: URL) -> bool:
@@ -85,14 +97,42 @@ def make_engine(url: str) -> AsyncEngine:
     return engine
 
 
+_read_turns: WeakKeyDictionary[AsyncEngine, asyncio.Lock] = WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A Core connection for hot reads: rows as tuples, no Session, identity map or ORM
+    compile step (about a tenth of a login's CPU went there).
+
+    On SQLite the readers first queue on a lock: the pool's own wait for its one connection
+    arms a SQLITE_POOL_TIMEOUT timer per waiter, which in a login storm cost more event-loop
+    time than the queries. The lock holder's checkout still has that timeout."""
+    if engine.dialect.name != "sqlite":
+        async with engine.connect() as conn:
+            yield conn
+        return
+    turn = _read_turns.get(engine)
+    if turn is None:
+        turn = _read_turns[engine] = asyncio.Lock()
+    async with turn, engine.connect() as conn:
+        yield conn
+
+
 class Store:
     """Base of the stores: every public method is one short transaction of its own."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], dialect: str) -> None:
         self._sessions = sessions
         self._dialect = dialect
+        engine = sessions.kw.get("bind")
+        assert isinstance(engine, AsyncEngine)
+        self._engine = engine
 
-    def _conflict_insert(self, model: type[Base]) -> ConflictInsert:
+    def _connect(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return reading(self._engine)
+
+    def _conflict_insert(self, model: type[Base] | Table) -> ConflictInsert:
         """An INSERT that can take ON CONFLICT, which both backends spell the same way."""
         if self._dialect == "postgresql":
             return postgresql.insert(model)

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .db import Store, split_user
+from .db import Store, split_user, table_of
 from .tables import OfflineMessage
+
+_offline = table_of(OfflineMessage)
+_OF_USER = (_offline.c.domain == bindparam("domain"), _offline.c.username == bindparam("username"))
+
+# Constant statements compile once; the fetch runs at every login.
+_FETCH = select(_offline.c.id, _offline.c.xml).where(*_OF_USER).order_by(_offline.c.id)
+_COUNT = select(func.count()).select_from(_offline).where(*_OF_USER)
+
+
+async def read_queue(
+    conn: AsyncConnection, domain: str, username: str, limit: int | None = None
+) -> list[tuple[int, str]]:
+    """``(id, xml)`` oldest first, on a connection the caller holds."""
+    stmt = _FETCH if limit is None else _FETCH.limit(limit)
+    rows = await conn.execute(stmt, {"domain": domain, "username": username})
+    return [(id_, xml) for id_, xml in rows]
 
 
 class OfflineMessages(Store):
@@ -34,14 +51,8 @@ class OfflineMessages(Store):
     async def fetch(self, user: str, limit: int | None = None) -> list[tuple[int, str]]:
         """Oldest first; the messages stay stored until :meth:`delete`."""
         domain, username = split_user(user)
-        stmt = (
-            select(OfflineMessage.id, OfflineMessage.xml)
-            .where(OfflineMessage.domain == domain, OfflineMessage.username == username)
-            .order_by(OfflineMessage.id)
-            .limit(limit)
-        )
-        async with self._sessions() as session:
-            return [(id_, xml) for id_, xml in await session.execute(stmt)]
+        async with self._connect() as conn:
+            return await read_queue(conn, domain, username, limit)
 
     async def delete(self, user: str, ids: Sequence[int]) -> None:
         """Delete delivered messages; ids of other users' messages are ignored."""
@@ -59,10 +70,6 @@ class OfflineMessages(Store):
 
     async def count(self, user: str) -> int:
         domain, username = split_user(user)
-        async with self._sessions() as session:
-            count = await session.scalar(
-                select(func.count())
-                .select_from(OfflineMessage)
-                .where(OfflineMessage.domain == domain, OfflineMessage.username == username)
-            )
-            return count or 0
+        async with self._connect() as conn:
+            count = await conn.scalar(_COUNT, {"domain": domain, "username": username})
+        return count or 0

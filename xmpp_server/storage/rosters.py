@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from .db import Store, split_user
+from .db import Store, split_user, table_of
 from .tables import RosterEntry, RosterVersion
 
 SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
@@ -29,40 +31,64 @@ class RosterItem:
             )
 
 
-def _item(row: RosterEntry) -> RosterItem:
-    return RosterItem(
-        jid=row.jid,
-        name=row.name,
-        subscription=row.subscription,
-        ask=row.ask,
-        approved=row.approved,
-        groups=tuple(row.groups),
+_roster = table_of(RosterEntry)
+_versions = table_of(RosterVersion)
+
+# Read at every initial presence: a constant Core statement compiles once and its rows are
+# plain tuples, without the ORM's per-row entity work.
+_ITEMS = select(
+    _roster.c.jid,
+    _roster.c.name,
+    _roster.c.subscription,
+    _roster.c.ask,
+    _roster.c.approved,
+    _roster.c.groups,
+).where(_roster.c.domain == bindparam("domain"), _roster.c.username == bindparam("username"))
+_ITEM = _ITEMS.where(_roster.c.jid == bindparam("jid"))
+_VERSION = select(_versions.c.version).where(
+    _versions.c.domain == bindparam("domain"), _versions.c.username == bindparam("username")
+)
+
+
+def _items(rows: Iterable[Any]) -> list[RosterItem]:
+    # Sorted here, not by ORDER BY: database collations differ between backends.
+    return sorted(
+        (
+            RosterItem(jid, name, subscription, bool(ask), bool(approved), tuple(groups))
+            for jid, name, subscription, ask, approved, groups in rows
+        ),
+        key=lambda item: item.jid,
     )
+
+
+async def read_items(conn: AsyncConnection, domain: str, username: str) -> list[RosterItem]:
+    """The roster on a connection the caller holds (see Storage.initial_presence)."""
+    return _items(await conn.execute(_ITEMS, {"domain": domain, "username": username}))
 
 
 class Rosters(Store):
     async def items(self, user: str) -> list[RosterItem]:
         domain, username = split_user(user)
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(RosterEntry).where(
-                    RosterEntry.domain == domain, RosterEntry.username == username
-                )
-            )
-            # Sorted here, not by ORDER BY: database collations differ between backends.
-            return sorted((_item(row) for row in rows), key=lambda item: item.jid)
+        async with self._connect() as conn:
+            return await read_items(conn, domain, username)
 
     async def get(self, user: str, jid: str) -> RosterItem | None:
         domain, username = split_user(user)
-        async with self._sessions() as session:
-            row = await session.scalar(
-                select(RosterEntry).where(
-                    RosterEntry.domain == domain,
-                    RosterEntry.username == username,
-                    RosterEntry.jid == jid,
-                )
-            )
-            return None if row is None else _item(row)
+        async with self._connect() as conn:
+            rows = await conn.execute(_ITEM, {"domain": domain, "username": username, "jid": jid})
+            items = _items(rows)
+        return items[0] if items else None
+
+    async def snapshot(self, user: str, known: str | None) -> tuple[int, list[RosterItem] | None]:
+        """The version and, unless it is ``known`` to the client already (RFC 6121 §2.6), the
+        items: a login's roster get on one connection checkout."""
+        domain, username = split_user(user)
+        params = {"domain": domain, "username": username}
+        async with self._connect() as conn:
+            version = await conn.scalar(_VERSION, params) or 0
+            if known == str(version):
+                return version, None
+            return version, _items(await conn.execute(_ITEMS, params))
 
     async def put(self, user: str, item: RosterItem) -> int:
         """Insert or replace the item; returns the new roster version."""
@@ -102,13 +128,9 @@ class Rosters(Store):
 
     async def version(self, user: str) -> int:
         domain, username = split_user(user)
-        async with self._sessions() as session:
-            version = await session.scalar(
-                select(RosterVersion.version).where(
-                    RosterVersion.domain == domain, RosterVersion.username == username
-                )
-            )
-            return version or 0
+        async with self._connect() as conn:
+            version = await conn.scalar(_VERSION, {"domain": domain, "username": username})
+        return version or 0
 
     async def _bump(self, session: AsyncSession, domain: str, username: str) -> int:
         # The upsert locks the user's version row, so concurrent changes get distinct versions.

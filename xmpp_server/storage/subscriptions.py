@@ -7,11 +7,27 @@ from __future__ import annotations
 
 import builtins
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .db import Store, split_user
+from .db import Store, split_user, table_of
 from .tables import PendingSubscription
+
+_pending = table_of(PendingSubscription)
+
+# Read at every initial presence: a constant statement compiles once.
+_PENDING = (
+    select(_pending.c.contact, _pending.c.stanza)
+    .where(_pending.c.domain == bindparam("domain"), _pending.c.username == bindparam("username"))
+    .order_by(_pending.c.id)
+)
+
+
+async def read_pending(conn: AsyncConnection, domain: str, username: str) -> list[tuple[str, str]]:
+    """``(contact, stanza xml)`` in order of arrival, on a connection the caller holds."""
+    rows = await conn.execute(_PENDING, {"domain": domain, "username": username})
+    return [(contact, stanza) for contact, stanza in rows]
 
 
 class PendingSubscriptions(Store):
@@ -53,13 +69,5 @@ class PendingSubscriptions(Store):
     async def list(self, user: str) -> builtins.list[tuple[str, str]]:
         """``(contact, stanza xml)`` in order of arrival."""
         domain, username = split_user(user)
-        async with self._sessions() as session:
-            rows = await session.execute(
-                select(PendingSubscription.contact, PendingSubscription.stanza)
-                .where(
-                    PendingSubscription.domain == domain,
-                    PendingSubscription.username == username,
-                )
-                .order_by(PendingSubscription.id)
-            )
-            return [(contact, stanza) for contact, stanza in rows]
+        async with self._connect() as conn:
+            return await read_pending(conn, domain, username)
