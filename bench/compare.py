@@ -149,7 +149,7 @@ SCENARIOS = (
     Scenario(
         "chat-1k-rate",
         "bench.load",
-        ("chat", "-c", "1000", "-m", "10", "--rate", "1000"),
+        ("chat", "-c", "1000", "-m", "5", "--rate", "1000"),
         (
             Row(
                 "chat_1k_p99",
