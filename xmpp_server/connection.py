@@ -185,6 +185,7 @@ class Connection:
         finally:
             self._closing = True
             self._close_transport()
+            self.stream.no_more_input()
             if self._replaced or not self.bound:
                 self.log.info("disconnected")
             elif self.sm is not None and self.sm.resumable and self._resumable_end:

@@ -397,6 +397,11 @@ class Stream:
             self._fail(exc, events)
         return events
 
+    def no_more_input(self) -> None:
+        """The transport is gone: free the XML parser now rather than at the next full
+        garbage collection (its handlers hold it in a cycle)."""
+        self._parser.release()
+
     def _restart(self) -> None:
         """Start a new stream on the same connection (after TLS or SASL)."""
         self._parser.release()
