@@ -374,6 +374,9 @@ async def login(client: Client, target: Target, context: ssl.SSLContext) -> None
             lambda: client, target.host, target.port, ssl=context, server_hostname=domain
         )
         features = await _open_stream(client, domain)
+    elif target.tls == "none":  # plaintext, for measuring what TLS costs a server
+        await loop.create_connection(lambda: client, target.host, target.port)
+        features = await _open_stream(client, domain)
     else:
         await loop.create_connection(lambda: client, target.host, target.port)
         features = await _open_stream(client, domain)
@@ -1341,7 +1344,8 @@ def print_report(r: dict[str, Any]) -> None:
         where += ", " + ", ".join(t["settings"])
     _out(
         f"{r['scenario']}: {r['clients']} clients, {r['procs']} worker processes, "
-        f"{t['tls']} TLS to {t['host']}:{t['port']} ({where})"
+        f"{'plaintext' if t['tls'] == 'none' else t['tls'] + ' TLS'} to {t['host']}:{t['port']}"
+        f" ({where})"
     )
     rows: list[tuple[str, str]] = [
         ("logins", f"{login['ok']} ok, {login['failed']} failed in {login['seconds']:.2f} s"),
@@ -1420,7 +1424,12 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--host", help="an existing server's address; its users must exist")
     g.add_argument("--port", type=int, help="default: 5223 for direct TLS, 5222 for STARTTLS")
     g.add_argument("--domain", default="localhost", help="XMPP domain (default: localhost)")
-    g.add_argument("--tls", choices=("direct", "starttls"), default="direct")
+    g.add_argument(
+        "--tls",
+        choices=("direct", "starttls", "none"),
+        default="direct",
+        help="none: plaintext c2s (the own natterd then runs with c2s.require_tls = false)",
+    )
     g.add_argument("--user-prefix", default="u", help="users are PREFIX1..PREFIXN (default: u)")
     g.add_argument("--password", default="bench-password")
     g.add_argument("--cafile", help="CA file to verify the server (own server: its certificate)")
@@ -1516,6 +1525,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.host is None:
             settings: dict[str, dict[str, Any]] = {}
+            if args.tls == "none":
+                settings["c2s"] = {"require_tls": False}
             for table, key, value in args.server_set:
                 settings.setdefault(table, {})[key] = value
             server = LocalServer(args.domain, args.db_url, args.keep, settings)
