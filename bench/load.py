@@ -663,8 +663,17 @@ class WorkerSpec:
     chat: ChatSpec | None
 
 
-def raise_nofile_limit() -> int:
+def raise_nofile_limit(wanted: int = 1 << 18) -> int:
+    """Raise the descriptor limit (inherited by servers and workers started later): to
+    ``wanted`` where allowed (root may raise the hard limit), else to the hard limit. 20,000
+    sessions need more than the 20,000 some machines allow by default."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            pass  # not privileged: the hard limit it is
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
     if soft < hard:

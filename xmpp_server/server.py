@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -366,6 +368,17 @@ class Server:
 GC_THRESHOLDS = (50_000, 2, 100)
 
 
+def raise_descriptor_limit() -> None:
+    """Every session is a socket: take all the descriptors the hard limit allows (a soft
+    limit of 1,024 is still common), as Prosody and ejabberd do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def tune_gc() -> None:
     """For natterd's own process (tests embed ``Server.start`` and keep the defaults): what
     startup made lives as long as the process, so the collector stops re-scanning it."""
@@ -375,6 +388,7 @@ def tune_gc() -> None:
 
 async def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM (the ``natterd run`` entry point)."""
+    raise_descriptor_limit()
     server = await Server.start(config)
     tune_gc()
     log.info("natterd serving %s", config.server.domain)
