@@ -4,8 +4,9 @@ then ``natterctl archive purge``, and the module's pure parts (what is archived,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from xmpp_server.modules.mam import (
     should_archive,
     stored_copy,
 )
+from xmpp_server.server import Server
 from xmpp_server.storage import ArchiveEntry, ArchivePage, ArchivePrefs, Storage
 from xmpp_server.xml import fromstring, tostring
 
@@ -496,6 +498,16 @@ async def test_ephemeral_mode_archives_nothing_unless_a_user_opts_in(
             assert (await mam_query(bob)).results == []
 
 
+@contextlib.asynccontextmanager
+async def logged_in(server: Server, *jids: str) -> AsyncIterator[tuple[MamClient, ...]]:
+    """MAM clients for ``jids``, each logged in with initial presence."""
+    users = tuple(MamClient(server, jid) for jid in jids)
+    async with clients(*users):
+        for client in users:
+            await client.login()
+        yield users
+
+
 async def test_preferences_and_blocks_set_before_a_restart_hold_after_it(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
@@ -512,13 +524,7 @@ async def test_preferences_and_blocks_set_before_a_restart_hold_after_it(
             await set_prefs(alice, "always")
             await alice.plugin["xep_0191"].block(c)
     async with running_server(migrated_db_url, tmp_path, overrides) as server:
-        async with clients(MamClient(server, a), MamClient(server, b), MamClient(server, c)) as (
-            alice,
-            bob,
-            carol,
-        ):
-            for client in (alice, bob, carol):
-                await client.login()
+        async with logged_in(server, a, b, c) as (alice, bob, carol):
             await chat(bob, alice, "kept for alice")
             carol.send_message(mto=a, mbody="blocked still", mtype="chat")
             await chat(bob, carol, "carol's message went first")
@@ -549,13 +555,7 @@ async def test_archive_mode_with_never_and_roster_preferences(
     async with running_server(migrated_db_url, tmp_path) as server:
         a, b = await add_user(server, "alice"), await add_user(server, "bob")
         c = await add_user(server, "carol")
-        async with clients(MamClient(server, a), MamClient(server, b), MamClient(server, c)) as (
-            alice,
-            bob,
-            carol,
-        ):
-            for client in (alice, bob, carol):
-                await client.login()
+        async with logged_in(server, a, b, c) as (alice, bob, carol):
             assert (await get_prefs(alice)).get("default") == "always"
             # Never with Carol, whatever the default.
             applied = await set_prefs(alice, "always", never=(c, c))
