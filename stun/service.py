@@ -7,14 +7,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from stun.auth import LongTermAuth, Nonces
 from stun.credentials import load_secret
@@ -31,6 +35,7 @@ from xmpp_server.config import Config, ConfigError, StunConfig
 log = logging.getLogger("natterd.stun")
 
 TICK = 1.0  # seconds between expiry sweeps
+WORKER_START = 30.0  # seconds a worker process has to open its sockets
 ALPN = ["stun.turn", "stun.nat-discovery"]  # RFC 7443
 _PROBES = {4: ("192.0.2.1", socket.AF_INET), 6: ("2001:db8::1", socket.AF_INET6)}
 
@@ -121,13 +126,18 @@ class StunService:
 
     def __init__(self, network: SocketNetwork, stats: StunStats) -> None:
         self.network = network
-        self.stats = stats
+        self.stats = stats  # this process's counters (each worker keeps its own)
         self.listeners: list[Listener] = []
+        self.workers: list[BaseProcess] = []
         self._tick: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, config: Config, clock: Callable[[], float] = time.time) -> StunService:
-        """Open every configured listener; raises ConfigError or OSError (port in use)."""
+    async def start(
+        cls, config: Config, clock: Callable[[], float] = time.time, *, worker: bool = False
+    ) -> StunService:
+        """Open every configured listener, and start ``stun.workers - 1`` more processes on
+        the same ports (``worker``: this is one of them); raises ConfigError or OSError
+        (port in use) or RuntimeError (a worker failed)."""
         stun = config.stun
         if stun.relay_min_port > stun.relay_max_port:
             raise ConfigError("must not exceed stun.relay_max_port", "stun.relay_min_port")
@@ -156,15 +166,50 @@ class StunService:
             limiter = RateLimiter(stun.rate, stun.burst)
             return StunServer(network, stats, limiter, turn=turn, auth=auth, alternate=pairing)
 
-        network = SocketNetwork(core, clock)
+        network = SocketNetwork(core, clock, reuse_port=stun.workers > 1)
         service = cls(network, stats)
         try:
             await service._listen(config, pairing)
+            if not worker:
+                await service._start_workers(config, stun.workers - 1)
         except BaseException:
+            await service._stop_workers()
             await network.close()
             raise
         service._tick = asyncio.create_task(service._run_ticks(clock))
         return service
+
+    async def _start_workers(self, config: Config, count: int) -> None:
+        """Spawned, not forked: a fork would copy this process's event loop and sockets."""
+        context = multiprocessing.get_context("spawn")
+        for number in range(1, count + 1):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker_main,
+                args=(config, os.getpid(), sender),
+                name=f"natterd-stun-{number}",
+                daemon=True,
+            )
+            process.start()
+            sender.close()
+            self.workers.append(process)
+            answered = await asyncio.to_thread(receiver.poll, WORKER_START)
+            problem = receiver.recv() if answered else "did not start in time"
+            receiver.close()
+            if problem:
+                raise RuntimeError(f"STUN worker {number}: {problem}")
+        if count:
+            log.info("STUN: %d more worker processes on the same ports", count)
+
+    async def _stop_workers(self) -> None:
+        for process in self.workers:
+            if process.is_alive():
+                process.terminate()
+        for process in self.workers:
+            await asyncio.to_thread(process.join, 10)
+            if process.is_alive():
+                process.kill()
+        self.workers.clear()
 
     async def _listen(self, config: Config, pairing: Alternate | None) -> None:
         stun = config.stun
@@ -212,6 +257,7 @@ class StunService:
     async def stop(self) -> None:
         if self._tick is not None:
             self._tick.cancel()
+        await self._stop_workers()
         await self.network.close()
         log.info("STUN stopped: %s", self.stats.snapshot())
 
@@ -225,5 +271,33 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await stopping.wait()
+    finally:
+        await service.stop()
+
+
+def _worker_main(config: Config, parent: int, ready: Connection) -> None:
+    """An extra STUN process (``[stun] workers``): the parent's Ctrl-C and SIGTERM are the
+    parent's to handle; it stops this one, or this one stops when the parent is gone."""
+    from xmpp_server.cli import loop_factory
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+        runner.run(_worker(config, parent, ready))
+
+
+async def _worker(config: Config, parent: int, ready: Connection) -> None:
+    try:
+        service = await StunService.start(config, worker=True)
+    except (ConfigError, OSError) as exc:
+        ready.send(str(exc))
+        return
+    ready.send("")
+    ready.close()
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    try:
+        while not stopping.is_set() and os.getppid() == parent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), TICK)
     finally:
         await service.stop()

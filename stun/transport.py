@@ -40,14 +40,17 @@ def _address(sockaddr: Any) -> Address:
     return str(sockaddr[0]), int(sockaddr[1])
 
 
-def udp_socket(address: Address) -> socket.socket:
+def udp_socket(address: Address, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ``address``; IPv6 sockets stay IPv6-only so that
-    "0.0.0.0" and "::" can both be bound on one port."""
+    "0.0.0.0" and "::" can both be bound on one port. ``reuse_port``: for listeners shared
+    by worker processes (never for relays, which belong to one allocation)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setblocking(False)
         sock.bind(address)
     except BaseException:
@@ -76,9 +79,13 @@ class SocketNetwork:
     """Implements ``Network`` with real sockets and feeds the core what they receive."""
 
     def __init__(
-        self, core_factory: Callable[[SocketNetwork], StunServer], clock: Callable[[], float]
+        self,
+        core_factory: Callable[[SocketNetwork], StunServer],
+        clock: Callable[[], float],
+        reuse_port: bool = False,
     ) -> None:
         self.clock = clock
+        self.reuse_port = reuse_port  # listeners shared with worker processes
         self.core = core_factory(self)
         self._loop = asyncio.get_running_loop()
         self._udp: dict[Address, socket.socket] = {}
@@ -91,7 +98,7 @@ class SocketNetwork:
     # Listening
 
     async def listen_udp(self, address: Address) -> Address:
-        sock = udp_socket(address)
+        sock = udp_socket(address, self.reuse_port)
         _deepen_receive_buffer(sock, LISTEN_RCVBUF)
         bound = _address(sock.getsockname())
         self._udp[bound] = sock
@@ -119,7 +126,12 @@ class SocketNetwork:
             await self._serve_stream(reader, writer, transport)
 
         server = await asyncio.start_server(
-            accept, hosts, port, ssl=context, ssl_handshake_timeout=30 if context else None
+            accept,
+            hosts,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=30 if context else None,
+            reuse_port=self.reuse_port or None,
         )
         self._servers.append(server)
         return [_address(sock.getsockname()) for sock in server.sockets]

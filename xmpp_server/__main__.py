@@ -1,3 +1,4 @@
 from xmpp_server.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when multiprocessing's spawn re-imports it (STUN workers)
+    raise SystemExit(main())

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args.config, args.command or "run")
 
 
-def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when configured and installed, else the standard library's."""
     if kind != "uvloop":
         return None
@@ -160,7 +160,7 @@ def _serve(config_path: str | None, what: str) -> int:
     else:
         from xmpp_server.server import serve
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(config.server.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
             runner.run(serve(config))
     except KeyboardInterrupt:
         return EXIT_OK

@@ -358,6 +358,9 @@ class StunConfig:
     allowed_peers: tuple[str, ...] = ()
     rate: float = field(default=100.0, metadata={"min": 0})
     burst: int = field(default=200, metadata={"min": 1})
+    workers: int = field(default=1, metadata={"min": 1, "max": 64})
+    """Processes answering on the same ports (SO_REUSEPORT): the kernel spreads clients by
+    address, and each client (with its TURN allocations) stays with one process."""
 
 
 def _check_public_url(value: str) -> str:

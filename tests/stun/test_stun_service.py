@@ -177,3 +177,25 @@ def test_natterd_stun_config_error(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert main(["--config", str(config), "stun"]) == 2
     assert capsys.readouterr().err.startswith("natterd: stun.allowed_peers: ")
+
+
+async def test_workers_share_the_ports_and_stop_with_the_service(tmp_path: Path) -> None:
+    """[stun] workers = 2: a second process answers on the same UDP and TCP ports; the kernel
+    spreads clients by address, so 64 source ports reach both processes."""
+    config = stun_config(tmp_path, tls_port=0, workers=2, rate=0)
+    service = await StunService.start(config)
+    try:
+        assert len(service.workers) == 1 and service.workers[0].is_alive()
+        answers = await asyncio.gather(*(binding(config.stun.udp_port) for _ in range(64)))
+        assert all(answer["ip"] == "127.0.0.1" for answer in answers)
+        assert len({answer["port"] for answer in answers}) == 64  # each its own mapping
+        # Both answered: this process saw some of the 64, not all (2 * 2**-64 otherwise).
+        assert 0 < service.stats.requests["BINDING"] < 64
+        async with aiostun.Client(
+            host="127.0.0.1", port=config.stun.tcp_port, proto=aiostun.TCP, timeout=5
+        ) as client:
+            assert (await client.get_mapped_address())["ip"] == "127.0.0.1"
+        worker = service.workers[0]
+    finally:
+        await service.stop()
+    assert not worker.is_alive() and not service.workers
