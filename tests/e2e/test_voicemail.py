@@ -74,6 +74,19 @@ async def voicemail_server(
         yield server, module.voicemail
 
 
+@contextlib.asynccontextmanager
+async def alice_and_bob(
+    server: Server, caller: type[Client] = Client
+) -> AsyncIterator[tuple[str, str, Any, CallClient]]:
+    """Accounts and clients for Alice (the caller: a softphone's client, or ``CallClient``
+    to send JMI herself) and Bob (the callee); neither logged in yet."""
+    alice_jid = await add_user(server, "alice")
+    bob_jid = await add_user(server, "bob")
+    async with clients(caller(server, alice_jid), CallClient(server, bob_jid)) as (alice, bob):
+        assert isinstance(bob, CallClient)
+        yield alice_jid, bob_jid, alice, bob
+
+
 def voicemail_message(el: Xml) -> bool:
     return el.find(f"{{{NS_OOB}}}x") is not None
 
@@ -139,12 +152,7 @@ async def test_offline_callee_finds_a_voicemail_with_the_tone(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with voicemail_server(migrated_db_url, tmp_path) as (server, voicemail):
-        alice_jid = await add_user(server, "alice")
-        bob_jid = await add_user(server, "bob")
-        async with clients(Client(server, alice_jid), CallClient(server, bob_jid)) as (
-            alice,
-            bob,
-        ):
+        async with alice_and_bob(server) as (alice_jid, bob_jid, alice, bob):
             await alice.login()
             phone = Softphone(alice, source=lambda: ToneTrack(440.0), ice_servers=[])
             try:
@@ -257,12 +265,7 @@ async def test_recording_is_cut_at_voicemail_max_seconds(
     async with voicemail_server(
         migrated_db_url, tmp_path, voicemail_max_seconds=1.5, relay_port_range=ports
     ) as (server, voicemail):
-        alice_jid = await add_user(server, "alice")
-        bob_jid = await add_user(server, "bob")
-        async with clients(Client(server, alice_jid), CallClient(server, bob_jid)) as (
-            alice,
-            bob,
-        ):
+        async with alice_and_bob(server) as (alice_jid, bob_jid, alice, bob):
             await alice.login()
             phone = Softphone(alice, source=lambda: ToneTrack(440.0), ice_servers=[])
             try:
@@ -291,12 +294,7 @@ async def test_caller_giving_up_before_the_session_leaves_a_missed_call(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
     async with voicemail_server(migrated_db_url, tmp_path) as (server, voicemail):
-        alice_jid = await add_user(server, "alice")
-        bob_jid = await add_user(server, "bob")
-        async with clients(CallClient(server, alice_jid), CallClient(server, bob_jid)) as (
-            alice,
-            bob,
-        ):
+        async with alice_and_bob(server, CallClient) as (alice_jid, bob_jid, alice, bob):
             await alice.login_for_calls()
             sid = secrets.token_hex(8)
             alice.jmi(bob_jid, "propose", sid)
@@ -322,12 +320,7 @@ async def test_voicemail_in_relay_mode_is_not_anchored(
     async with voicemail_server(migrated_db_url, tmp_path, media="relay") as (server, voicemail):
         module = server.host.modules["jingle"]
         assert isinstance(module, Jingle) and module.anchor is not None
-        alice_jid = await add_user(server, "alice")
-        bob_jid = await add_user(server, "bob")
-        async with clients(Client(server, alice_jid), CallClient(server, bob_jid)) as (
-            alice,
-            bob,
-        ):
+        async with alice_and_bob(server) as (alice_jid, bob_jid, alice, bob):
             await alice.login()
             phone = Softphone(alice, source=lambda: ToneTrack(440.0), ice_servers=[])
             try:
@@ -346,12 +339,7 @@ async def test_voicemail_needs_http_uploads(migrated_db_url: str, tmp_path: Path
     async with running_server(migrated_db_url, tmp_path, overrides) as server:
         module = server.host.modules["jingle"]
         assert isinstance(module, Jingle) and module.voicemail is None
-        alice_jid = await add_user(server, "alice")
-        bob_jid = await add_user(server, "bob")
-        async with clients(CallClient(server, alice_jid), CallClient(server, bob_jid)) as (
-            alice,
-            bob,
-        ):
+        async with alice_and_bob(server, CallClient) as (alice_jid, bob_jid, alice, bob):
             await alice.login_for_calls()
             await bob.login_for_calls()
             sid = secrets.token_hex(8)
