@@ -8,6 +8,7 @@ sentence that names the part.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -104,6 +105,18 @@ class JID:
         if self.resource is not None:
             text = f"{text}/{self.resource}"
         return text
+
+
+def parse_valid(texts: Iterable[str]) -> set[JID]:
+    """The JIDs among ``texts``, skipping any that do not parse (rows a module loads at
+    start must not stop the server)."""
+    out: set[JID] = set()
+    for text in texts:
+        try:
+            out.add(_parse(text))
+        except ValueError:
+            continue
+    return out
 
 
 @lru_cache(maxsize=16384)

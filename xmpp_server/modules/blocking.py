@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from xmpp_server.errors import BadRequest, Forbidden, JidMalformed, ServiceUnavailable, StanzaError
-from xmpp_server.jid import JID
+from xmpp_server.jid import JID, parse_valid
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.presence import HAS_FROM
 from xmpp_server.router import IqKey, Session
@@ -131,7 +131,7 @@ class Blocking(Module):
         # Who has blocked anyone at all, loaded at start: the others' (empty) lists need no
         # query, so the first message of a session costs no round-trip. Only this module
         # adds to blocklists; a stale member just costs one lookup.
-        self._with_lists: set[str] | None = None
+        self._with_lists: set[JID] | None = None
 
     def setup(self) -> None:
         router = self.host.router
@@ -143,7 +143,7 @@ class Blocking(Module):
         router.on_unbound(self._session_closed)
 
     async def start(self) -> None:
-        self._with_lists = await self.host.storage.blocklist.owners()
+        self._with_lists = parse_valid(await self.host.storage.blocklist.owners())
 
     # -- the list ---------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class Blocking(Module):
         if cached is not None:
             self._cache.move_to_end(user)
             return cached
-        if self._with_lists is not None and str(user) not in self._with_lists:
+        if self._with_lists is not None and user not in self._with_lists:
             return frozenset()
         epoch = self._epoch
         jids: list[JID] = []
@@ -239,7 +239,7 @@ class Blocking(Module):
                 make("presence", from_=source.jid, to=target, type="unavailable")
             )
         if self._with_lists is not None:
-            self._with_lists.add(str(user))  # before the write: a racing load must query
+            self._with_lists.add(user)  # before the write: a racing load must query
         await self.host.storage.blocklist.add(str(user), [str(jid) for jid in jids])
         self._changed(user)
         session.deliver(iq_result(iq))

@@ -46,7 +46,7 @@ from xmpp_server.errors import (
     NotAllowed,
     PolicyViolation,
 )
-from xmpp_server.jid import JID
+from xmpp_server.jid import JID, parse_valid
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.jingle import JMI_TAGS
 from xmpp_server.modules.stanza_id import STANZA_ID, new_stanza_id, stamp, stanza_id
@@ -380,7 +380,7 @@ class Mam(Module):
         # Who has stored preferences at all, loaded at start: everyone else gets the server's
         # mode without a query, so a user's first message after login costs no round-trip.
         # Only this module writes preferences (a stale member just costs one lookup).
-        self._with_prefs: set[str] | None = None
+        self._with_prefs: set[JID] | None = None
         self._queue: list[tuple[str, ArchiveEntry]] = []  # written behind, in batches
         self._writer: asyncio.Task[None] | None = None
 
@@ -397,7 +397,7 @@ class Mam(Module):
 
     async def start(self) -> None:
         if self.options.allow_user_override:
-            self._with_prefs = await self.host.storage.archive.prefs_owners()
+            self._with_prefs = parse_valid(await self.host.storage.archive.prefs_owners())
         newest = await self.host.storage.archive.newest_timestamp()
         if newest is not None:
             self._last_stamp = newest
@@ -433,9 +433,9 @@ class Mam(Module):
     async def prefs(self, owner: JID) -> ArchivePrefs:
         """The preferences in force for ``owner``: theirs if they may and did set any."""
         if self.options.allow_user_override:
-            key = str(owner)
-            if self._with_prefs is not None and key not in self._with_prefs:
+            if self._with_prefs is not None and owner not in self._with_prefs:
                 return self._server_prefs
+            key = str(owner)
             if key in self._prefs:
                 self._prefs.move_to_end(key)
                 stored = self._prefs[key]
@@ -456,7 +456,7 @@ class Mam(Module):
             return False
         if not self.options.allow_user_override:
             return True
-        return self._with_prefs is not None and str(owner) not in self._with_prefs
+        return self._with_prefs is not None and owner not in self._with_prefs
 
     async def wanted(self, owner: JID, peer: JID) -> bool:
         """Whether ``owner``'s preferences archive messages with ``peer`` (XEP-0441)."""
@@ -644,6 +644,6 @@ class Mam(Module):
         prefs = parse_prefs(el)
         await self.host.storage.archive.set_prefs(str(owner), prefs)
         if self._with_prefs is not None:
-            self._with_prefs.add(str(owner))
+            self._with_prefs.add(owner)
         self._prefs.pop(str(owner), None)
         session.deliver(iq_result(iq, prefs_element(prefs)))
