@@ -30,6 +30,7 @@ from .migrations import head_revision, is_known_revision, revision_of, upgrade_e
 from .offline import OfflineMessages, read_queue
 from .pep import PepNodes, StoredPepItem, StoredPepNode
 from .push import PushRegistrations, StoredPushRegistration
+from .quarantine import Quarantine, Quarantined
 from .rooms import Affiliation, Rooms, StoredRoom
 from .rosters import RosterItem, Rosters, read_items
 from .subscriptions import PendingSubscriptions, read_pending
@@ -55,6 +56,8 @@ __all__ = [
     "PendingSubscriptions",
     "PepNodes",
     "PushRegistrations",
+    "Quarantine",
+    "Quarantined",
     "RoomNotFound",
     "Rooms",
     "RosterItem",
@@ -99,6 +102,7 @@ class Storage:
         self.pep = PepNodes(self.sessions, dialect)
         self.uploads = Uploads(self.sessions, dialect)
         self.push = PushRegistrations(self.sessions, dialect)
+        self.quarantine = Quarantine(self.sessions, dialect)
 
     async def initial_presence(self, user: str, *, offline: bool) -> InitialPresence:
         """Roster, pending subscription requests and (with ``offline``) the offline queue,

@@ -187,6 +187,22 @@ class OfflineMessage(UserRow, Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+class QuarantinedRow(UserRow, Base):
+    """A stored message that could not be read back (not well-formed, say), set aside so
+    that one bad row never blocks the queue or archive page it was in. ``source`` names the
+    table it came from (``offline_messages``, ``archive``); an operator can inspect it."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (Index(None, "domain", "username", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    source_id: Mapped[int] = mapped_column(BigInteger)
+    xml: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 # Full-text search structures that only one backend has, so they are created by migration 0002
 # outside these models; schema/env.py keeps `alembic check` from reporting them as drift.
 ARCHIVE_FTS_TABLE = "archive_fts"  # SQLite FTS5 (and its shadow tables archive_fts_*)
