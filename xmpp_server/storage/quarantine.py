@@ -13,7 +13,10 @@ from .tables import ArchivedMessage, OfflineMessage, QuarantinedRow
 
 log = logging.getLogger("natterd.storage")
 
-_SOURCES = {"offline_messages": OfflineMessage, "archive": ArchivedMessage}
+_SOURCES: dict[str, type[OfflineMessage] | type[ArchivedMessage]] = {
+    "offline_messages": OfflineMessage,
+    "archive": ArchivedMessage,
+}
 
 
 @dataclass(frozen=True, slots=True)
