@@ -23,7 +23,7 @@ SERVER = ("192.0.2.1", 3478)
 CLIENT = ("203.0.113.10", 40000)
 UDP = Endpoint("udp", CLIENT, SERVER)
 TCP = Endpoint("tcp", CLIENT, SERVER)
-PEER = ("198.51.100.20", 5000)
+PEER = ("45.67.89.10", 5000)  # public: documentation ranges are special-purpose, so denied
 
 
 @dataclass

@@ -438,6 +438,16 @@ def allocated(endpoint: Endpoint = UDP, **kwargs: object) -> tuple[Client, tuple
         ("0.0.0.0", 80),
         ("224.0.0.1", 80),
         ("255.255.255.255", 80),
+        ("100.64.0.1", 80),  # carrier-grade NAT (issue 13, defect 8)
+        ("100.127.255.254", 80),
+        ("198.18.0.5", 80),
+        ("198.19.255.1", 80),
+        ("192.0.0.10", 80),
+        ("192.0.2.1", 80),
+        ("198.51.100.7", 80),
+        ("203.0.113.9", 80),
+        ("240.0.0.1", 80),
+        ("192.88.99.1", 80),
     ],
 )
 def test_private_peers_are_403(peer: tuple[str, int]) -> None:
@@ -451,7 +461,28 @@ def test_private_peers_are_403(peer: tuple[str, int]) -> None:
     assert code(bind) == 403
 
 
-@pytest.mark.parametrize("peer", ["::1", "fd00::1", "fe80::1", "::", "ff02::1", "::ffff:10.0.0.1"])
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "::",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "::ffff:100.64.0.1",
+        "fec0::1",  # site-local
+        "100::1",  # discard-only
+        "2001:db8::9",  # documentation
+        "3fff::1",
+        "2001:2::1",  # benchmarking
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b:1::1",  # local-use NAT64
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+        "::7f00:1",  # IPv4-compatible 127.0.0.1 (deprecated)
+    ],
+)
 def test_private_ipv6_peers_are_403(peer: str) -> None:
     hosts = {6: RelayHost("::", "2001:db8::1")}
     server, network = make_server(relay_hosts=hosts)
@@ -473,10 +504,12 @@ def test_allowed_peers_open_private_ranges() -> None:
     )
 
 
-def test_benchmarking_range_is_public() -> None:
-    client, _ = allocated()  # NAT labs use 198.18.0.0/15 as "the Internet"
-    response = client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": [("198.18.0.5", 1)]})
-    assert response.message_class == Class.RESPONSE
+def test_benchmarking_range_is_denied_unless_allowed() -> None:
+    client, _ = allocated()  # NAT labs use 198.18.0.0/15 as "the Internet": they allow it
+    peer = {"XOR-PEER-ADDRESS": [("198.18.0.5", 1)]}
+    assert code(client.request(Method.CREATE_PERMISSION, peer)) == 403
+    client, _ = allocated(allowed=("198.18.0.0/15",))
+    assert client.request(Method.CREATE_PERMISSION, peer).message_class == Class.RESPONSE
 
 
 def test_permission_is_all_or_nothing() -> None:
@@ -567,7 +600,7 @@ def test_channel_bind_and_channel_data(endpoint: Endpoint) -> None:
 
 def test_channel_rules() -> None:
     client, _ = allocated()
-    other_peer = ("198.51.100.21", 5000)
+    other_peer = ("45.67.89.11", 5000)
 
     def bind(number: int, peer: tuple[str, int]) -> Message:
         return client.request(
