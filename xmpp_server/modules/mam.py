@@ -45,6 +45,7 @@ from xmpp_server.errors import (
     JidMalformed,
     NotAllowed,
     PolicyViolation,
+    StreamError,
 )
 from xmpp_server.jid import JID, parse_valid
 from xmpp_server.modules.base import Module
@@ -87,6 +88,7 @@ COUNT_LIMIT = 10_000
 MAX_IDS = 1000  # values of the 'ids' field in one query
 MAX_PREF_JIDS = 1000  # JIDs in each preference list
 PURGE_INTERVAL = 3600.0  # seconds between retention purges
+REREADS = 5  # times a page is read again after setting unreadable rows aside
 
 # Payloads that make a message worth archiving without a body (XEP-0313 §5.1.1 "MAY include
 # additional non-conversation messages": these are what clients need to sync state).
@@ -174,6 +176,23 @@ def parse_stored(xmls: list[str]) -> list[Element]:
     if len(elements) != len(xmls):
         raise ValueError("the archive holds XML that is not one element per message")
     return elements
+
+
+def parse_each(xmls: list[str]) -> list[Element | str]:
+    """Each stored message parsed, or why it could not be: the whole page in one parser run
+    when it is readable (the common case), else row by row, so one unreadable row (an
+    ill-formed stanza archived before such input was refused, say) costs only itself."""
+    try:
+        return list(parse_stored(xmls))
+    except (StreamError, ValueError):
+        pass
+    parsed: list[Element | str] = []
+    for xml in xmls:
+        try:
+            parsed.extend(parse_stored([xml]))
+        except (StreamError, ValueError) as exc:
+            parsed.append(f"{type(exc).__name__}: {exc}")
+    return parsed
 
 
 def jid_matches(listed: Iterable[str], target: JID) -> bool:
@@ -358,6 +377,24 @@ def parse_prefs(el: Element) -> ArchivePrefs:
             raise PolicyViolation(f"at most {MAX_PREF_JIDS} JIDs in <{name}/>")
         lists[name] = tuple(jids)
     return ArchivePrefs(default, lists["always"], lists["never"])
+
+
+def _without(page: ArchivePage, parsed: list[Element | str]) -> tuple[ArchivePage, list[Element]]:
+    """The page minus its unreadable rows, when they could not be set aside: short, but the
+    client still gets every readable message (its paging ids stay valid)."""
+    kept = [(i, p) for i, p in zip(page.items, parsed, strict=True) if not isinstance(p, str)]
+    items = [i for i, _ in kept]
+    return (
+        ArchivePage(
+            items,
+            items[0].stanza_id if items else None,
+            items[-1].stanza_id if items else None,
+            page.complete,
+            page.count,
+            page.index,
+        ),
+        [p for _, p in kept],
+    )
 
 
 class Mam(Module):
@@ -578,7 +615,7 @@ class Mam(Module):
         )
         await self.flushed()
         try:
-            page = await self.host.storage.archive.query(
+            page, messages = await self.read_page(
                 str(owner),
                 with_jid=request.with_jid,
                 start=request.start,
@@ -596,11 +633,30 @@ class Mam(Module):
         except UnknownArchiveId as exc:
             raise ItemNotFound(str(exc)) from None
         queryid = query.get("queryid")
-        results = zip(page.items, parse_stored([item.xml for item in page.items]), strict=True)
+        results = zip(page.items, messages, strict=True)
         # Flipping changes only the order of sending; <first/> stays the oldest of the page.
         for item, stored in reversed(list(results)) if request.flip else results:
             session.deliver(self._result(iq, queryid, item, stored))
         session.deliver(iq_result(iq, fin(page)))
+
+    async def read_page(self, owner: str, **query: Any) -> tuple[ArchivePage, list[Element]]:
+        """A page of ``owner``'s archive (``query`` as for ``Archive.query``) and its messages
+        parsed. An unreadable row is set aside in the quarantine (which logs it once) and the
+        page read again, so one bad row neither fails the page nor leaves it short."""
+        archive, quarantine = self.host.storage.archive, self.host.storage.quarantine
+        for _ in range(REREADS):
+            page = await archive.query(owner, **query)
+            parsed = parse_each([item.xml for item in page.items])
+            bad = [(i, p) for i, p in zip(page.items, parsed, strict=True) if isinstance(p, str)]
+            if not bad:
+                return page, [p for p in parsed if not isinstance(p, str)]
+            for item, reason in bad:
+                try:
+                    await quarantine.set_aside(owner, "archive", item.row_id, item.xml, reason)
+                except (SQLAlchemyError, OSError):
+                    log.exception("could not set aside archive row %d of %s", item.row_id, owner)
+                    return _without(page, parsed)
+        return _without(page, parsed)
 
     def _result(
         self, iq: Element, queryid: str | None, item: ArchiveItem, stored: Element

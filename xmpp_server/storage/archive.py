@@ -73,6 +73,7 @@ class ArchiveItem:
     direction: Direction
     timestamp: datetime  # UTC, aware
     xml: str
+    row_id: int = 0  # the archive table's id: what sets an unreadable row aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,4 +414,5 @@ def _item(row: ArchivedMessage) -> ArchiveItem:
         row.direction,  # type: ignore[arg-type]  # the CHECK constraint guarantees it
         row.timestamp,
         row.xml,
+        row.id,
     )

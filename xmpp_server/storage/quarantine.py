@@ -32,12 +32,21 @@ class Quarantined:
 class Quarantine(Store):
     async def set_aside(
         self, owner: str, source: str, source_id: int, xml: str, reason: str
-    ) -> None:
+    ) -> bool:
         """Move row ``source_id`` of table ``source`` (owned by ``owner``) here, in one
-        transaction, and log it once: the row stops blocking its queue or page."""
+        transaction, and log it once: the row stops blocking its queue or page. False when the
+        row is no longer there (another reader set it aside first): nothing is done then, so
+        two readers meeting the same bad row keep one copy and one log line."""
         model = _SOURCES[source]
         domain, username = split_user(owner)
         async with self._sessions.begin() as session:
+            deleted = await session.execute(
+                delete(model).where(
+                    model.domain == domain, model.username == username, model.id == source_id
+                )
+            )
+            if not deleted.rowcount:  # type: ignore[attr-defined]
+                return False
             await session.execute(
                 insert(QuarantinedRow).values(
                     domain=domain,
@@ -48,12 +57,8 @@ class Quarantine(Store):
                     reason=reason[:1000],
                 )
             )
-            await session.execute(
-                delete(model).where(
-                    model.domain == domain, model.username == username, model.id == source_id
-                )
-            )
         log.warning("set aside unreadable %s row %d of %s: %s", source, source_id, owner, reason)
+        return True
 
     async def list(self, owner: str | None = None) -> list[Quarantined]:
         stmt = select(QuarantinedRow).order_by(QuarantinedRow.id)

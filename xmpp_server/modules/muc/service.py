@@ -42,7 +42,6 @@ from xmpp_server.errors import (
 )
 from xmpp_server.jid import JID
 from xmpp_server.modules.base import Module
-from xmpp_server.modules.mam import parse_stored
 from xmpp_server.modules.muc import forms
 from xmpp_server.modules.muc.room import (
     AFFILIATION_CHANGED,
@@ -237,10 +236,11 @@ class Muc(Module):
     async def _load(self, jid: JID) -> Room | None:
         storage = self.host.storage
         room = await load_room(storage.rooms, jid, self.options.history_size)
-        if room is not None and room.config.archive and room.history_size and self.mam:
-            # Joiners get recent history even right after a restart.
-            page = await storage.archive.query(str(jid), before="", limit=room.history_size)
-            stored = parse_stored([item.xml for item in page.items])
+        mam = self.mam
+        if room is not None and room.config.archive and room.history_size and mam is not None:
+            # Joiners get recent history even right after a restart (an unreadable archived
+            # row is set aside, not a reason to fail the join).
+            page, stored = await mam.read_page(str(jid), before="", limit=room.history_size)
             for item, message in zip(page.items, stored, strict=True):
                 if message.find(BODY) is not None:
                     room.remember(item.timestamp, message, len(message.findtext(BODY) or ""))
