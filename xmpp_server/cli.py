@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import getpass
 import importlib
+import ipaddress
 import json
 import logging
 import sys
@@ -208,6 +209,9 @@ def _ctl_parser() -> argparse.ArgumentParser:
     cmd = command(user, "list", _user_list, "list accounts")
     cmd.add_argument("--domain", help="list this domain (default: the configured domain)")
     command(user, "show", _user_show, "show an account").add_argument("jid")
+    cmd = command(user, "unlock", _user_unlock, "forgive an account's failed logins")
+    cmd.add_argument("jid")
+    cmd.add_argument("--address", metavar="A", help="only those from this IP address")
 
     db = commands.add_parser("db", help="manage the database schema").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -905,6 +909,32 @@ def _stats(args: argparse.Namespace, config: Config) -> int:
     if not isinstance(answer, dict) or not answer.get("ok"):
         _fail(EXIT_FAILED, f"natterd refused: {answer!r}")
     _out(json.dumps(answer["stats"], indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _user_unlock(args: argparse.Namespace, config: Config) -> int:
+    """Lockouts live in the running natterd's memory, so this asks it over the socket."""
+    from xmpp_server import control
+
+    user = _account(args.jid, config)
+    message: dict[str, Any] = {"command": "user.unlock", "jid": user}
+    if args.address:
+        try:
+            message["address"] = str(ipaddress.ip_address(args.address))
+        except ValueError:
+            _fail(EXIT_USAGE, f"not an IP address: {args.address}")
+    path = control.socket_path(config)
+    try:
+        answer = asyncio.run(control.request(path, message, timeout=30))
+    except control.NotRunning as exc:
+        _fail(EXIT_FAILED, str(exc))
+    except (OSError, ValueError) as exc:
+        _fail(EXIT_FAILED, f"control socket {path}: {exc}")
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else None
+        _fail(EXIT_FAILED, f"natterd refused: {error or repr(answer)}")
+    where = f" from {message['address']}" if args.address else ""
+    _out(f"unlocked {user}{where}")
     return EXIT_OK
 
 

@@ -323,7 +323,14 @@ class AuthConfig:
     """Offered in this order; -PLUS variants are only offered over TLS."""
     scram_iterations: int = field(default=4096, metadata={"min": 4096})
     max_failures: int = field(default=5, metadata={"min": 0})
-    """Failed logins per IP within ``failure_window`` before a lockout; 0 disables it."""
+    """Failed logins from one address to one account within ``failure_window`` before that
+    address is locked out of that account; 0 turns every login lockout off."""
+    max_failures_per_address: int = field(default=20, metadata={"min": 0})
+    """Failed logins from one address (IPv6: its /64) to any accounts before it is locked
+    out of accounts it has not logged in to before; 0 = no such limit."""
+    max_failures_per_account: int = field(default=20, metadata={"min": 0})
+    """Failed logins to one account from any addresses before addresses that have not logged
+    in to it before are locked out of it; 0 = no such limit. Known addresses never are."""
     failure_window: float = field(default=60.0, metadata={"gt": 0})
     lockout: float = field(default=60.0, metadata={"min": 0})
 

@@ -388,7 +388,7 @@ class Connection:
             elif isinstance(event, st.AuthFailed):
                 self._auth_failed(event)
             elif isinstance(event, st.Authenticated):
-                self.host.account_throttle.success(str(event.jid))
+                self.host.login_guard.success(self.ip, str(event.jid.bare))
                 self.log.info("authenticated as %s (%s)", event.jid, event.mechanism)
                 self.log.extra = {"id": str(event.jid)}
             elif isinstance(event, st.BindRequested):
@@ -423,10 +423,7 @@ class Connection:
             user = str(JID.make(event.username, self.host.domain))
         except ValueError:
             return self.stream.provide_credentials(None)
-        wait = max(
-            self.host.ip_throttle.blocked(self.ip, now),
-            self.host.account_throttle.blocked(user, now),
-        )
+        wait = self.host.login_guard.blocked(self.ip, user, now)
         if wait > 0:
             self.log.info("login for %s throttled for %.0f s", user, wait)
             return self.stream.reject_auth(
@@ -439,15 +436,13 @@ class Connection:
         self.log.info("authentication failed for %s: %s", event.username, event.condition)
         if event.condition != "not-authorized":
             return
-        now = time.monotonic()
-        self.host.ip_throttle.failure(self.ip, now)
+        user: str | None = None
         if event.username:
             try:
-                self.host.account_throttle.failure(
-                    str(JID.make(event.username, self.host.domain)), now
-                )
+                user = str(JID.make(event.username, self.host.domain))
             except ValueError:
                 pass
+        self.host.login_guard.failure(self.ip, user, time.monotonic())
 
     async def _register(self, event: st.RegistrationRequested) -> list[st.StreamEvent]:
         """XEP-0077 on an unauthenticated stream, limited per IP like failed logins."""

@@ -21,13 +21,13 @@ from xmpp_server.config import Config
 from xmpp_server.connection import Connection
 from xmpp_server.errors import StreamError
 from xmpp_server.jid import JID
+from xmpp_server.login_guard import GuardLimits, LoginGuard
 from xmpp_server.modules import build_modules
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.register import Register
 from xmpp_server.router import Router
 from xmpp_server.storage import Storage
 from xmpp_server.stream import StreamSettings
-from xmpp_server.throttle import FailureThrottle
 from xmpp_server.xml import Element, XmlLimits
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ class Host:
     ssl_context: ssl.SSLContext
     bindings: sasl.ChannelBindings
     stream_settings: StreamSettings
-    ip_throttle: FailureThrottle
-    account_throttle: FailureThrottle
+    login_guard: LoginGuard
     modules: dict[str, Module] = field(default_factory=dict)
     started_at: float = 0.0
     known_accounts: KnownAccounts | None = None
@@ -149,7 +148,14 @@ class Server:
             known = KnownAccounts(storage)
 
             auth = config.auth
-            lockout = auth.lockout if auth.max_failures else 0.0
+            on = auth.max_failures > 0  # 0 turns every login lockout off
+            guard = GuardLimits(
+                per_pair=auth.max_failures,
+                per_address=auth.max_failures_per_address if on else 0,
+                per_account=auth.max_failures_per_account if on else 0,
+                window=auth.failure_window,
+                lockout=auth.lockout,
+            )
             host = Host(
                 config=config,
                 storage=storage,
@@ -158,13 +164,7 @@ class Server:
                 ssl_context=context,
                 bindings=bindings,
                 stream_settings=settings,
-                # max_failures = 0 turns the lockout off: a zero lockout never blocks.
-                ip_throttle=FailureThrottle(
-                    max(1, auth.max_failures * 4), auth.failure_window, lockout
-                ),
-                account_throttle=FailureThrottle(
-                    max(1, auth.max_failures), auth.failure_window, lockout
-                ),
+                login_guard=LoginGuard(guard),
                 started_at=asyncio.get_running_loop().time(),
             )
             host.modules = build_modules(host)
@@ -257,13 +257,29 @@ class Server:
             }
         return {"stats": stats}
 
+    async def _unlock(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``natterctl user unlock JID [--address A]``: forgive the login failures held
+        against an account (everywhere, or only those of one address)."""
+        try:
+            jid = JID.parse(str(request.get("jid", "")))
+        except ValueError as exc:
+            raise control.ControlError(f"not a JID: {exc}") from None
+        if jid.local is None or jid.domain != self.host.domain:
+            raise control.ControlError(f"not an account of {self.host.domain}: {jid}")
+        address = request.get("address")
+        if address is not None and not isinstance(address, str):
+            raise control.ControlError("address must be a string")
+        self.host.login_guard.unlock(str(jid.bare), address)
+        return {"jid": str(jid.bare), "address": address}
+
     async def _stop_stun(self) -> None:
         if self.stun is not None:
             await self.stun.stop()
             self.stun = None
 
     async def _listen(self) -> None:
-        self.control = await control.open_control(self.host, {"stats": self._stats})
+        extra = {"stats": self._stats, "user.unlock": self._unlock}
+        self.control = await control.open_control(self.host, extra)
         c2s = self.host.config.c2s
         hosts: Any = c2s.host
         self._servers.append(

@@ -76,6 +76,10 @@ class FailureThrottle:
     def success(self, key: str) -> None:
         self._entries.pop(key, None)
 
+    def keys(self) -> list[str]:
+        """The keys tracked now (a copy, so the caller may forgive while iterating)."""
+        return list(self._entries)
+
     def _stale(self, entry: _Entry, now: float) -> bool:
         return entry.locked_until <= now and (
             not entry.failures or entry.failures[-1] <= now - self.window

@@ -140,7 +140,7 @@ async def test_configured_socket_path_and_bad_requests(
         assert await control.request(path, {"command": "reboot"}) == {
             "ok": False,
             "error": "unknown command 'reboot' (known: announce, room.affiliate, room.create,"
-            " room.delete, room.list, room.members, room.show, stats)",
+            " room.delete, room.list, room.members, room.show, stats, user.unlock)",
         }
         answer = await control.request(path, {"command": "announce", "target": "some"})
         assert answer["ok"] is False and "target must be one of online, all" in answer["error"]
