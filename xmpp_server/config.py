@@ -308,8 +308,13 @@ class C2SConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_stanza_size: int = field(default=262144, metadata={"min": 10000})
+    """Bytes the XML parser may hold for one authenticated stream: the stanza being read,
+    or a half-read start tag or stream header (docs/limits.md)."""
+    max_stanza_size_before_auth: int = field(default=16384, metadata={"min": 4096})
+    """The same before SASL succeeds: stream headers, STARTTLS, SASL and registration."""
     max_depth: int = field(default=32, metadata={"min": 2})
     max_attributes: int = field(default=64, metadata={"min": 8})
+    """Attributes plus namespace declarations on one element."""
     max_attribute_value: int = field(default=4096, metadata={"min": 1024})
     max_output_buffer: int = field(default=4 * 1024 * 1024, metadata={"min": 65536})
     """Bytes of unread output a client may pile up before it is dropped as a slow reader."""

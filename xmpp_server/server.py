@@ -134,6 +134,7 @@ class Server:
                 mechanisms=tuple(config.auth.mechanisms),
                 limits=XmlLimits(
                     max_stanza_size=limits.max_stanza_size,
+                    max_stanza_size_before_auth=limits.max_stanza_size_before_auth,
                     max_depth=limits.max_depth,
                     max_attributes=limits.max_attributes,
                     max_attribute_value=limits.max_attribute_value,

@@ -231,7 +231,7 @@ class Stream:
         self.jid: JID | None = None  # bare after auth, full after bind
         self.stream_id = ""
         self.lang = "en"
-        self._parser = XmlStreamParser(settings.limits)
+        self._parser = self._new_parser()
         self._out: list[bytes] = []
         self._header_sent = False
         self._wait = Wait.NONE
@@ -405,10 +405,24 @@ class Stream:
     def _restart(self) -> None:
         """Start a new stream on the same connection (after TLS or SASL)."""
         self._parser.release()
-        self._parser = XmlStreamParser(self.settings.limits)
+        self._parser = self._new_parser()
         self._header_sent = False
         self._held.clear()
         self._restarting = True
+
+    def _new_parser(self) -> XmlStreamParser:
+        """Until SASL succeeds the parser may hold only ``max_stanza_size_before_auth``
+        bytes: an anonymous peer gets a small budget (the header and negotiation elements
+        fit in it easily), an authenticated user the full stanza size."""
+        limits = self.settings.limits
+        if self.phase is Phase.CONNECTED:
+            return XmlStreamParser(limits, budget=limits.max_stanza_size_before_auth)
+        return XmlStreamParser(limits)
+
+    @property
+    def held(self) -> int:
+        """Bytes of input the stream holds now (its parser's)."""
+        return self._parser.held
 
     def _header(self, lang: str | None = None) -> bytes:
         self.stream_id = base64.b32encode(os.urandom(10)).decode().lower()

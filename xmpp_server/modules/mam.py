@@ -57,9 +57,9 @@ from xmpp_server.storage import ArchiveItem, ArchivePage, ArchivePrefs, UnknownA
 from xmpp_server.storage.archive import DEFAULT_MODES, ArchiveEntry, DefaultMode, Direction
 from xmpp_server.xml import (
     NS_CLIENT,
+    STORED_LIMITS,
     Element,
     ElementReceived,
-    XmlLimits,
     XmlStreamParser,
     tostring,
 )
@@ -163,7 +163,7 @@ def _on_domain(jid: str | None, domain: str) -> bool:
         return False
 
 
-_STORED_LIMITS = XmlLimits(max_stanza_size=1 << 30, max_depth=1000)
+_STORED_LIMITS = STORED_LIMITS
 _STREAM_OPEN = f"<s:stream xmlns='{NS_CLIENT}' xmlns:s='{NS_STREAMS}'>".encode()
 
 
