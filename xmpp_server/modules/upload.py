@@ -44,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from xmpp_server.blobs import BlobError, BlobNotFound, BlobStore, FsBlobs, S3Blobs
 from xmpp_server.config import Config, ConfigError
+from xmpp_server.decode_budget import DecodeBudget, OverBudget
 from xmpp_server.errors import (
     BadRequest,
     Forbidden,
@@ -56,7 +57,7 @@ from xmpp_server.modules.base import Module
 from xmpp_server.router import IqKey, Session
 from xmpp_server.stanza import iq_result, qn
 from xmpp_server.storage.uploads import Completion, Upload
-from xmpp_server.thumbnails import make_preview
+from xmpp_server.thumbnails import Preview, probe, render
 from xmpp_server.xml import Element
 
 if TYPE_CHECKING:
@@ -106,6 +107,11 @@ class UploadOptions:
     allowed_types: tuple[str, ...] = field(default=DEFAULT_TYPES, metadata={"scalar": True})
     """Content types accepted (shell patterns like ``image/*``); empty = any."""
     thumbnails: bool = True
+    thumbnail_jobs: int = field(default=2, metadata={"min": 1, "max": 64})
+    """Thumbnails decoded at once (each in a worker thread); more wait their turn."""
+    thumbnail_memory: int = field(default=128 * 1024 * 1024, metadata={"min": 1024 * 1024})
+    """Bytes all thumbnail decodes in flight may hold, estimated from headers before decoding;
+    a file that alone needs more gets no thumbnail (docs/media-limits.md)."""
     secret: str = ""
     """HMAC key that signs PUT URLs; "" = generated into ``{data_dir}/upload.secret``."""
     storage: Literal["fs", "s3"] = "fs"
@@ -246,6 +252,7 @@ class HttpUpload(Module):
         self._blobs: BlobStore | None = None
         self._secret: bytes | None = None
         self._purger: asyncio.Task[None] | None = None
+        self.decode_budget = DecodeBudget(options.thumbnail_memory, options.thumbnail_jobs)
 
     @property
     def blobs(self) -> BlobStore:
@@ -541,7 +548,7 @@ class HttpUpload(Module):
         done = Completion(sha256=sha256)
         kind = upload.content_type.split("/", 1)[0]
         if self.options.thumbnails and kind in ("image", "video"):
-            preview = await asyncio.to_thread(make_preview, staged, upload.content_type)
+            preview = await self._preview(staged, upload.content_type)
             if preview is not None:
                 done = Completion(sha256, preview.width, preview.height)
                 if preview.thumbnail is not None and preview.media_type is not None:
@@ -566,6 +573,31 @@ class HttpUpload(Module):
             log.error("cannot store upload %s: %s", upload.slot, exc)
             raise self._error(web.HTTPServiceUnavailable, "storage unavailable") from None
         return done
+
+    async def _preview(self, staged: Path, content_type: str) -> Preview | None:
+        """Probe the headers, then decode within the budget; None or the bare dimensions for
+        what is refused or undecodable (the upload itself stays valid)."""
+        try:
+            probed = await asyncio.to_thread(probe, staged, content_type)
+        except Exception as exc:  # noqa: BLE001 - parsers raise anything on hostile input
+            log.info("no preview of %s (%s): %s", staged.name, content_type, exc)
+            return None
+        if probed is None:
+            return None
+        try:
+            return await self.decode_budget.run(probed.cost, render, staged, content_type, probed)
+        except OverBudget as exc:
+            log.info(
+                "no thumbnail of %s (%s, %d×%d): %s",
+                staged.name,
+                content_type,
+                probed.width,
+                probed.height,
+                exc,
+            )
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile input
+            log.info("no preview of %s (%s): %s", staged.name, content_type, exc)
+        return probed.dimensions
 
     async def http_get(self, request: web.Request) -> web.StreamResponse:
         slot, name = request.match_info["slot"], request.match_info["name"]
