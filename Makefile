@@ -27,6 +27,11 @@ run: $(STAMP)
 	@echo
 	$(BIN)/natterd --config $(CONFIG) run
 
+# The suite holds the ports of `make run` while it runs (tests/ports.py), so a test that needs
+# one fails here every time, not only beside a running demo. NATTER_TEST_TAKE_DEMO_PORTS=0: not.
+NATTER_TEST_TAKE_DEMO_PORTS ?= 1
+export NATTER_TEST_TAKE_DEMO_PORTS
+
 test: $(STAMP) lint
 	@./scripts/install-peers.sh
 	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import pytest
 from alembic import command
 from sqlalchemy import URL, make_url
 
+from tests.ports import TAKE_DEMO_PORTS_ENV, holding_demo_ports
 from xmpp_server.storage import Storage
 from xmpp_server.storage.migrations import alembic_config
 from xmpp_server.storage.tables import Base
@@ -168,3 +170,15 @@ async def storage(migrated_db_url: str) -> AsyncIterator[Storage]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hold_demo_ports() -> Iterator[list[tuple[str, socket.SocketKind, int]]]:
+    """With ``NATTER_TEST_TAKE_DEMO_PORTS=1`` (``make test`` sets it) the whole session runs
+    with the ports of ``make run`` taken, so a test that needs one of them fails every time,
+    not only on the machine of someone running the demo."""
+    if os.environ.get(TAKE_DEMO_PORTS_ENV) != "1":
+        yield []
+        return
+    with holding_demo_ports() as taken:
+        yield taken

@@ -177,20 +177,35 @@ class Server:
             for module in host.modules.values():
                 await module.start()
             server = cls(host)
-            await server._start_stun()
             try:
+                await server._start_stun()
                 await server._start_http()
                 await server._start_components()
                 await server._listen()
             except BaseException:
-                await server._stop_components()
-                await server._stop_http()
-                await server._stop_stun()
+                # A port already taken fails here; undo everything so that the caller can
+                # start again (on another port) in the same process.
+                await server._abandon()
                 raise
         except BaseException:
             await storage.close()
             raise
         return server
+
+    async def _abandon(self) -> None:
+        """Undo a start that failed half-way: listeners, control socket, modules' tasks."""
+        for srv in self._servers:
+            srv.close()
+            await srv.wait_closed()
+        self._servers.clear()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        await self._stop_components()
+        await self._stop_http()
+        for module in self.host.modules.values():
+            await module.stop()
+        await self._stop_stun()
 
     # STUN/TURN (issue 6): its own sockets and state, started first and stopped last.
     async def _start_stun(self) -> None:
@@ -300,9 +315,11 @@ class Server:
                     backlog=LISTEN_BACKLOG,
                 )
             )
-        for srv in self._servers:
+        # The bound port, not the configured one: with port = 0 this is how a supervisor (or
+        # a test running natterd as a process) learns where to connect.
+        for srv, kind in zip(self._servers, ("c2s", "c2s direct TLS"), strict=False):
             for sock in srv.sockets:
-                log.info("listening on %s", sock.getsockname()[:2])
+                log.info("%s listening on %s", kind, host_port(sock.getsockname()))
 
     @property
     def c2s_port(self) -> int:
@@ -374,6 +391,12 @@ class Server:
             await module.stop()
         await self._stop_stun()
         await self.host.storage.close()
+
+
+def host_port(address: Any) -> str:
+    """``127.0.0.1:5222`` or ``[::1]:5222`` from a socket address."""
+    host, port = str(address[0]), int(address[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # The young generation is collected every 50,000 allocations instead of CPython's 700:

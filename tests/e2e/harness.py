@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 import slixmpp
 
+from tests.ports import free_udp_tcp_port as free_udp_tcp_port  # re-exported
 from xmpp_server.config import build_config
 from xmpp_server.sasl import make_credentials
 from xmpp_server.server import Server
@@ -206,18 +206,3 @@ HEADER = (
 )
 
 logging.getLogger("slixmpp").setLevel(logging.WARNING)
-
-
-def free_udp_tcp_port() -> int:
-    """A loopback port free for both UDP and TCP right now (STUN/TURN listen on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")

@@ -29,6 +29,7 @@ from slixmpp.exceptions import IqError
 from sqlalchemy import update
 
 from tests.e2e.harness import DOMAIN, Client, add_user, clients, running_server
+from tests.ports import free_tcp_port, on_free_port
 from xmpp_server.blobs import S3Blobs
 from xmpp_server.cli import ctl_main
 from xmpp_server.modules.upload import HttpUpload
@@ -43,30 +44,22 @@ NS_HASHES = "urn:xmpp:hashes:2"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def http_on(port: int) -> dict[str, Any]:
+    """[http] for a server with plain HTTP on loopback ``port`` (0 means off, not "any")."""
+    base = f"http://127.0.0.1:{port}"
+    return {"enabled": True, "host": "127.0.0.1", "port": port, "tls_port": 0, "public_url": base}
 
 
 @contextlib.asynccontextmanager
 async def upload_server(
     db_url: str, tmp_path: Path, **options: Any
 ) -> AsyncIterator[tuple[Server, str]]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    overrides: dict[str, dict[str, Any]] = {
-        "http": {
-            "enabled": True,
-            "host": "127.0.0.1",
-            "port": port,
-            "tls_port": 0,
-            "public_url": base,
-        },
-        "modules": {"upload": options},
-    }
-    async with running_server(db_url, tmp_path, overrides) as server:
-        yield server, base
+    def start(port: int) -> contextlib.AbstractAsyncContextManager[Server]:
+        overrides = {"http": http_on(port), "modules": {"upload": options}}
+        return running_server(db_url, tmp_path, overrides)
+
+    async with on_free_port(start) as server:
+        yield server, module(server).base_url
 
 
 def module(server: Server) -> HttpUpload:
@@ -379,28 +372,38 @@ async def test_purge(migrated_db_url: str, tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- S3
 
 
+def answers(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` came up on ``port`` (False: it exited, e.g. the port was taken)."""
+    for _ in range(100):
+        if process.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            time.sleep(0.2)  # whoever answered, moto is it only if it is still running
+            return process.poll() is None
+        time.sleep(0.1)
+    return False
+
+
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[str]:
     binary = shutil.which("moto_server") or str(Path(__file__).parents[2] / ".venv/bin/moto_server")
     if not Path(binary).exists():
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if process.poll() is not None:
-                pytest.skip("moto_server did not start")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    for _attempt in range(5):  # a new port if the one picked was taken before moto bound it
+        port = free_tcp_port()
+        process = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            if answers(process, port):
+                yield f"http://127.0.0.1:{port}"
+                return
+        finally:
+            process.terminate()
+            process.wait(10)
+    pytest.skip("moto_server did not start")
 
 
 async def test_s3_backend(migrated_db_url: str, tmp_path: Path, moto_server: str) -> None:
@@ -444,9 +447,13 @@ async def test_s3_backend(migrated_db_url: str, tmp_path: Path, moto_server: str
 
 async def test_https_port(migrated_db_url: str, tmp_path: Path) -> None:
     """tls_port serves with the [tls] certificate; public_url defaults to https://domain:tls_port."""
-    tls_port = free_port()
-    http = {"enabled": True, "host": "127.0.0.1", "port": 0, "tls_port": tls_port}
-    async with running_server(migrated_db_url, tmp_path, {"http": http}) as server:
+
+    def start(port: int) -> contextlib.AbstractAsyncContextManager[Server]:
+        http = {"enabled": True, "host": "127.0.0.1", "port": 0, "tls_port": port}
+        return running_server(migrated_db_url, tmp_path, {"http": http})
+
+    async with on_free_port(start) as server:
+        tls_port = server.host.config.http.tls_port
         assert module(server).base_url == f"https://{DOMAIN}:{tls_port}"
         context = ssl.create_default_context(cafile=str(server.host.config.cert_path))
         async with (

@@ -34,7 +34,8 @@ from tests.e2e.test_jingle_signalling import (
     jmi,
 )
 from tests.e2e.test_mam import mam_query
-from tests.e2e.test_upload import fetch, free_port
+from tests.e2e.test_upload import fetch, http_on
+from tests.ports import on_free_port
 from tests.voip.test_ogg import decode_ogg
 from tests.voip.test_softphone import open_peer_connections
 from voip.softphone import Call, Softphone, ToneTrack, dominant_frequency
@@ -57,18 +58,11 @@ BOX = f"bob@{DOMAIN}/voicemail"
 async def voicemail_server(
     db_url: str, tmp_path: Path, **jingle: Any
 ) -> AsyncIterator[tuple[Server, Voicemail]]:
-    port = free_port()
-    overrides: dict[str, dict[str, Any]] = {
-        "http": {
-            "enabled": True,
-            "host": "127.0.0.1",
-            "port": port,
-            "tls_port": 0,
-            "public_url": f"http://127.0.0.1:{port}",
-        },
-        "modules": {"jingle": {"voicemail": True, **jingle}},
-    }
-    async with running_server(db_url, tmp_path, overrides) as server:
+    def start(port: int) -> contextlib.AbstractAsyncContextManager[Server]:
+        overrides = {"http": http_on(port), "modules": {"jingle": {"voicemail": True, **jingle}}}
+        return running_server(db_url, tmp_path, overrides)
+
+    async with on_free_port(start) as server:
         module = server.host.modules["jingle"]
         assert isinstance(module, Jingle) and module.voicemail is not None
         yield server, module.voicemail

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 from stun.service import StunService
+from tests.ports import free_udp_tcp_port, retry_on_port_clash
 from xmpp_server.config import Config, build_config
 
 SECRET = "interop-secret"
@@ -14,18 +14,7 @@ SECRET = "interop-secret"
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP (the config has no "any port": 0 means off)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
+    return free_udp_tcp_port(host)
 
 
 def relay_range() -> tuple[int, int]:
@@ -55,10 +44,5 @@ def stun_config(tmp_path: Path, **stun: Any) -> Config:
 
 
 async def started(tmp_path: Path, **stun: Any) -> StunService:
-    for attempt in range(5):  # a port picked by free_port() may be taken meanwhile
-        try:
-            return await StunService.start(stun_config(tmp_path, **stun))
-        except OSError:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
+    """A StunService on ports free now, on new ones if something took them meanwhile."""
+    return await retry_on_port_clash(lambda: StunService.start(stun_config(tmp_path, **stun)))

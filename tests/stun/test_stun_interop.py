@@ -21,6 +21,7 @@ from aioice import turn as aioice_turn
 
 from stun.credentials import turn_credentials
 from stun.service import StunService
+from tests.ports import retry_on_port_clash
 from tests.stun.live import SECRET, free_port, started, stun_config
 
 TIMEOUT = 20.0
@@ -98,12 +99,17 @@ async def test_aioice_binding(service: StunService) -> None:
 
 async def test_binding_over_ipv6(tmp_path: Path) -> None:
     try:
-        port = free_port("::1")
+        free_port("::1")
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    running = await StunService.start(
-        stun_config(tmp_path, host=["::1"], udp_port=port, tcp_port=port, tls_port=0)
-    )
+
+    async def start() -> StunService:
+        port = free_port("::1")
+        config = stun_config(tmp_path, host=["::1"], udp_port=port, tcp_port=port, tls_port=0)
+        return await StunService.start(config)
+
+    running = await retry_on_port_clash(start)
+    port = running.addresses("udp")[0][1]
     try:
         for proto in (aiostun.UDP, aiostun.TCP):
             async with aiostun.Client(

@@ -15,7 +15,8 @@ import pytest
 
 from stun.service import StunService, alternate, relay_hosts
 from stun.turn import RelayHost
-from tests.stun.live import free_port, stun_config
+from tests.ports import retry_on_port_clash
+from tests.stun.live import free_port, started, stun_config
 from xmpp_server.cli import main
 from xmpp_server.config import ConfigError, StunConfig, build_config
 from xmpp_server.server import Server
@@ -95,7 +96,7 @@ async def test_config_errors_at_start(tmp_path: Path, values: dict[str, Any], ke
 
 
 async def test_generated_secret_is_shared(tmp_path: Path) -> None:
-    running = await StunService.start(stun_config(tmp_path, secret="", tls_port=0))
+    running = await started(tmp_path, secret="", tls_port=0)
     try:
         path = tmp_path / "data" / "turn.secret"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -114,31 +115,37 @@ async def binding(port: int) -> dict[str, Any]:
 async def test_natterd_runs_stun_when_enabled(tmp_path: Path, sqlite_migrated: Path) -> None:
     database = tmp_path / "natter.db"
     shutil.copyfile(sqlite_migrated, database)
-    stun = stun_config(tmp_path, tls_port=0).stun
-    data = {
-        "server": {"domain": "localhost", "data_dir": str(tmp_path / "data")},
-        "storage": {"url": f"sqlite+aiosqlite:///{database}"},
-        "c2s": {"host": "127.0.0.1", "port": 0, "direct_tls_port": 0},
-        "stun": {
-            "enabled": True,
-            "host": ["127.0.0.1"],
-            "udp_port": stun.udp_port,
-            "tcp_port": 0,
-            "tls_port": 0,
-            "secret": "x",
-        },
-    }
-    server = await Server.start(build_config(data, base_dir=tmp_path))
+
+    async def start() -> Server:
+        data = {
+            "server": {"domain": "localhost", "data_dir": str(tmp_path / "data")},
+            "storage": {"url": f"sqlite+aiosqlite:///{database}"},
+            "c2s": {"host": "127.0.0.1", "port": 0, "direct_tls_port": 0},
+            "http": {"enabled": False},  # on by default, on 5280: the port of `make run`
+            "stun": {
+                "enabled": True,
+                "host": ["127.0.0.1"],
+                "udp_port": free_port(),
+                "tcp_port": 0,
+                "tls_port": 0,
+                "secret": "x",
+            },
+        }
+        return await Server.start(build_config(data, base_dir=tmp_path))
+
+    server = await retry_on_port_clash(start)
     try:
         assert server.stun is not None
+        ((_, udp_port),) = server.stun.addresses("udp")
         assert [listener.transport for listener in server.stun.listeners] == ["udp"]
-        assert (await binding(stun.udp_port))["ip"] == "127.0.0.1"
+        assert (await binding(udp_port))["ip"] == "127.0.0.1"
     finally:
         await server.stop()
     assert server.stun is None
 
 
-async def test_natterd_stun_subcommand(tmp_path: Path) -> None:
+async def stun_process(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """``natterd stun`` answering on a free UDP port (a new one if it lost the port)."""
     port = free_port()
     config = tmp_path / "natterd.toml"
     config.write_text(
@@ -154,17 +161,22 @@ async def test_natterd_stun_subcommand(tmp_path: Path) -> None:
         "stun",
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        mapped: dict[str, Any] = {}
-        for _ in range(100):  # until it listens
-            async with aiostun.Client(host="127.0.0.1", port=port, timeout=0.2) as client:
-                mapped = await client.get_mapped_address()
-            if mapped:
-                break
-        assert mapped["ip"] == "127.0.0.1"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(process.communicate(), 20)
+    for _ in range(100):  # until it listens
+        if process.returncode is not None:
+            _, err = await process.communicate()
+            raise OSError(f"natterd stun exited: {err.decode(errors='replace')}")
+        async with aiostun.Client(host="127.0.0.1", port=port, timeout=0.2) as client:
+            if (await client.get_mapped_address()).get("ip") == "127.0.0.1":
+                return process, port
+    process.kill()
+    await process.communicate()
+    raise AssertionError("natterd stun did not answer")
+
+
+async def test_natterd_stun_subcommand(tmp_path: Path) -> None:
+    process, _ = await retry_on_port_clash(lambda: stun_process(tmp_path))
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, err.decode()
     assert b"STUN listening on udp 127.0.0.1" in err
     assert (tmp_path / "data" / "turn.secret").is_file()  # TURN is on by default
@@ -182,17 +194,17 @@ def test_natterd_stun_config_error(tmp_path: Path, capsys: pytest.CaptureFixture
 async def test_workers_share_the_ports_and_stop_with_the_service(tmp_path: Path) -> None:
     """[stun] workers = 2: a second process answers on the same UDP and TCP ports; the kernel
     spreads clients by address, so 64 source ports reach both processes."""
-    config = stun_config(tmp_path, tls_port=0, workers=2, rate=0)
-    service = await StunService.start(config)
+    service = await started(tmp_path, tls_port=0, workers=2, rate=0)
+    ports = {listener.transport: listener.address[1] for listener in service.listeners}
     try:
         assert len(service.workers) == 1 and service.workers[0].is_alive()
-        answers = await asyncio.gather(*(binding(config.stun.udp_port) for _ in range(64)))
+        answers = await asyncio.gather(*(binding(ports["udp"]) for _ in range(64)))
         assert all(answer["ip"] == "127.0.0.1" for answer in answers)
         assert len({answer["port"] for answer in answers}) == 64  # each its own mapping
         # Both answered: this process saw some of the 64, not all (2 * 2**-64 otherwise).
         assert 0 < service.stats.requests["BINDING"] < 64
         async with aiostun.Client(
-            host="127.0.0.1", port=config.stun.tcp_port, proto=aiostun.TCP, timeout=5
+            host="127.0.0.1", port=ports["tcp"], proto=aiostun.TCP, timeout=5
         ) as client:
             assert (await client.get_mapped_address())["ip"] == "127.0.0.1"
         worker = service.workers[0]
