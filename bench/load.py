@@ -942,6 +942,7 @@ class LocalServer(PeerProcess):
                 "port": self.port,
                 "direct_tls_port": self.tls_port,
                 "read_rate": 0,  # no per-connection rate limit
+                "max_connections_per_ip": 0,  # every bench client comes from 127.0.0.1
             },
             "auth": {"max_failures": 0},  # no login throttle
             "logging": {"level": "info"},  # "natterd serving" is the readiness signal

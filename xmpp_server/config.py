@@ -297,8 +297,9 @@ class C2SConfig:
     read_rate: int = field(default=65536, metadata={"min": 0})
     """Bytes per second per connection; 0 means unlimited."""
     read_burst: int = field(default=262144, metadata={"min": 1})
-    max_connections_per_ip: int = field(default=0, metadata={"min": 0})
-    """0 means unlimited."""
+    max_connections_per_ip: int = field(default=100, metadata={"min": 0})
+    """Simultaneous client connections from one address (IPv6: its /64); 0 means unlimited.
+    One more is answered with a ``policy-violation`` stream error and closed."""
     stream_management: bool = True
     """Offer XEP-0198 stream management (acks, resumption)."""
     resume_timeout: float = field(default=300.0, metadata={"min": 0})

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from xmpp_server import stream as st
 from xmpp_server.errors import (
     BadRequest,
-    ResourceConstraint,
     ServiceUnavailable,
     StanzaError,
     StreamError,
@@ -452,15 +451,14 @@ class Connection:
         now = time.monotonic()
         if not isinstance(module, Register):
             return self.stream.registration_failed(event.iq, ServiceUnavailable())
-        if module.per_ip.blocked(self.ip, now):
-            return self.stream.registration_failed(
-                event.iq, ResourceConstraint("too many registrations from your address")
-            )
+        refusal = module.refusal(self.ip, now)
+        if refusal is not None:
+            return self.stream.registration_failed(event.iq, refusal)
         try:
             await module.register_account(event.username, event.password)
         except StanzaError as exc:
             return self.stream.registration_failed(event.iq, exc)
-        module.per_ip.failure(self.ip, now)
+        module.registered(self.ip, now)
         self.log.info("registered account %s", event.username)
         return self.stream.registration_done(event.iq)
 

@@ -431,7 +431,8 @@ class Router:
             sender = stanza.get("from") or ""
             reply.set("from", sender.partition("/")[0] if sender else self.domain)
         to = reply.get("to") or ""
-        if origin is not None and to == str(origin.jid):
+        if origin is not None and to in (str(origin.jid), str(origin.jid.bare)):
+            # The bare JID: subscription stanzas are stamped with it (RFC 6121 §3.1.2).
             origin.deliver(reply)
             return
         try:

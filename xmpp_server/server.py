@@ -21,7 +21,7 @@ from xmpp_server.config import Config
 from xmpp_server.connection import Connection
 from xmpp_server.errors import StreamError
 from xmpp_server.jid import JID
-from xmpp_server.login_guard import GuardLimits, LoginGuard
+from xmpp_server.login_guard import GuardLimits, LoginGuard, network_of
 from xmpp_server.modules import build_modules
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.register import Register
@@ -111,6 +111,7 @@ class Server:
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._per_ip: dict[str, int] = {}
+        self._refusal_logged = 0.0
         self.control: control.ControlServer | None = None
         self.stun: StunService | None = None
         self.http: HttpServer | None = None
@@ -343,10 +344,10 @@ class Server:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, direct_tls: bool
     ) -> None:
         peer = writer.get_extra_info("peername")
-        ip = peer[0] if peer else "?"
+        ip = network_of(peer[0]) if peer else "?"
         cap = self.host.config.c2s.max_connections_per_ip
         if cap and self._per_ip.get(ip, 0) >= cap:
-            writer.close()
+            await self._refuse(writer, ip)
             return
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         conn = Connection(self.host, reader, writer, direct_tls=direct_tls)
@@ -364,6 +365,26 @@ class Server:
                 self._per_ip[ip] = left
             else:
                 del self._per_ip[ip]
+
+    async def _refuse(self, writer: asyncio.StreamWriter, ip: str) -> None:
+        """One connection too many from ``ip``: a stream error (RFC 6120 §4.9.1.1 allows it
+        before the client's header), then close. Nothing is read, nothing is kept."""
+        now = time.monotonic()
+        if now - self._refusal_logged > 10.0:  # one line per 10 s, not one per connection
+            self._refusal_logged = now
+            log.warning("refusing connections from %s: max_connections_per_ip reached", ip)
+        writer.write(
+            b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0' from='"
+            + self.host.domain.encode()
+            + b"'><stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            b"<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>too many connections from your"
+            b" address</text></stream:error></stream:stream>"
+        )
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await writer.drain()
+        writer.close()
 
     async def stop(self) -> None:
         """Stop accepting, tell every client the server is going away, close storage."""

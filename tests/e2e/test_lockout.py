@@ -6,37 +6,12 @@ distinct source addresses, as an attacker on another network would."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.e2e.harness import Client, add_user, clients, running_server
+from tests.e2e.harness import add_user, clients, running_server
+from tests.e2e.sources import OWNER, SourcedClient, needs_loopback_aliases
 from tests.e2e.test_announce import ctl_config, natterctl
-
-OWNER = "127.0.0.1"
-
-
-class SourcedClient(Client):
-    """A slixmpp client whose connection comes from ``source``."""
-
-    def __init__(self, *args: Any, source: str = OWNER, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.source = source
-
-    async def _attempt_connection(
-        self, host: str, port: int, tls: bool, server_hostname: str | None
-    ) -> bool:
-        self.event_when_connected = "connected"
-        try:
-            await self.loop.create_connection(
-                lambda: self, host, port, local_addr=(self.source, 0)
-            )
-        except OSError as exc:
-            self.event("connection_failed", exc)
-            return False
-        return True
 
 
 async def fail_login(server: Any, jid: str, source: str) -> str:
@@ -64,18 +39,7 @@ async def login_condition(server: Any, jid: str, source: str) -> str:
         return "ok"
 
 
-def _loopback_aliases_work() -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.2", 0))
-        except OSError:
-            return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _loopback_aliases_work(), reason="127.0.0.2 is not a local address here"
-)
+pytestmark = needs_loopback_aliases
 
 
 async def test_attacker_elsewhere_cannot_lock_out_the_owner(

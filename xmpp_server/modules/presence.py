@@ -221,6 +221,13 @@ class Presence(Module):
         storage = self.host.storage
         if type_ == "subscribe":
             if item is None:
+                if not await self.host.router.account_exists(contact):
+                    # §3.1.3: no such account. Refuse at once, and add no roster item (else
+                    # anyone could fill a roster, and the database, with made-up names).
+                    refusal = make("presence", from_=contact, to=user, type="unsubscribed")
+                    self._to_interested(user, refusal)
+                    return
+                await self.roster.ensure_room(user)
                 await self.roster.put(user, RosterItem(jid=str(contact), ask=True))
             elif item.subscription not in HAS_TO and not item.ask:
                 await self.roster.put(user, replace(item, ask=True))
@@ -232,11 +239,16 @@ class Presence(Module):
             pending = await storage.subscriptions.remove(str(user), str(contact))
             if pending:
                 if item is None:
+                    await self.roster.ensure_room(user)
                     item = RosterItem(jid=str(contact))
                 sub = {"none": "from", "to": "both"}.get(item.subscription, item.subscription)
                 await self.roster.put(user, replace(item, subscription=sub, approved=False))
             elif item is None or item.subscription not in HAS_FROM:
                 # §3.4: pre-approval; nothing is sent until the contact asks.
+                if item is None:
+                    if not await self.host.router.account_exists(contact):
+                        return  # nobody there to pre-approve
+                    await self.roster.ensure_room(user)
                 base = item or RosterItem(jid=str(contact))
                 if not base.approved:
                     await self.roster.put(user, replace(base, approved=True))

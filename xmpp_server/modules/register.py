@@ -21,10 +21,12 @@ from xmpp_server.errors import (
     NotAcceptable,
     NotAllowed,
     RegistrationRequired,
+    ResourceConstraint,
     StanzaError,
     StreamError,
 )
 from xmpp_server.jid import JID
+from xmpp_server.login_guard import network_of
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.blocking import Blocking
 from xmpp_server.router import IqKey, Session
@@ -47,8 +49,13 @@ class RegisterOptions:
     min_password_length: int = field(default=8, metadata={"min": 1})
     """In characters, after SASLprep."""
     max_per_ip: int = field(default=5, metadata={"min": 1})
-    """Accounts one IP address may create on unauthenticated streams per ``per_ip_window``."""
+    """Accounts one address (IPv6: its /64) may create on unauthenticated streams per
+    ``per_ip_window``."""
     per_ip_window: float = field(default=3600.0, metadata={"gt": 0})
+    max_total: int = field(default=100, metadata={"min": 1})
+    """Accounts all addresses together may create per ``total_window``: a botnet has many
+    addresses. Beyond it registration answers ``resource-constraint`` until the window passed."""
+    total_window: float = field(default=3600.0, metadata={"gt": 0})
 
 
 class Register(Module):
@@ -61,6 +68,21 @@ class Register(Module):
         super().__init__(host, options)
         window = options.per_ip_window
         self.per_ip = FailureThrottle(options.max_per_ip, window, window)
+        total = options.total_window
+        self.total = FailureThrottle(options.max_total, total, total)
+
+    def refusal(self, address: str, now: float) -> StanzaError | None:
+        """Why ``address`` may not create an account now, or None."""
+        if self.per_ip.blocked(network_of(address), now):
+            return ResourceConstraint("too many registrations from your address")
+        if self.total.blocked("", now):
+            return ResourceConstraint("too many new accounts lately; try again later")
+        return None
+
+    def registered(self, address: str, now: float) -> None:
+        """Count an account ``address`` created against both limits."""
+        self.per_ip.failure(network_of(address), now)
+        self.total.failure("", now)
 
     def setup(self) -> None:
         router = self.host.router

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 
 from xmpp_server.errors import BadRequest, Forbidden, NotAcceptable, NotAllowed
 from xmpp_server.jid import JID
@@ -15,6 +16,13 @@ from xmpp_server.xml import Element
 NS_ROSTER = "jabber:iq:roster"
 MAX_NAME = 1024
 MAX_GROUPS = 32
+
+
+@dataclass(frozen=True)
+class RosterOptions:
+    max_items: int = field(default=1000, metadata={"min": 1})
+    """Contacts one roster may hold: every item costs storage and work at each login and
+    presence broadcast. Adding one more is refused with ``not-allowed``."""
 
 
 def item_element(item: RosterItem) -> Element:
@@ -44,6 +52,7 @@ class Roster(Module):
     """Rosters: get, set, remove; every change is pushed to the user's interested resources."""
 
     name = "roster"
+    options_class = RosterOptions
     account_features = ()
 
     def setup(self) -> None:
@@ -99,6 +108,8 @@ class Roster(Module):
         if len(groups) > MAX_GROUPS or any(len(g) > MAX_NAME for g in groups):
             raise NotAcceptable("too many or too long groups")
         old = await self.host.storage.rosters.get(str(user), str(contact))
+        if old is None:
+            await self.ensure_room(user)
         item = RosterItem(
             jid=str(contact),
             name=name,
@@ -109,6 +120,12 @@ class Roster(Module):
         )
         await self.put(user, item)
         origin.deliver(iq_result(iq))
+
+    async def ensure_room(self, user: JID) -> None:
+        """Raise unless ``user``'s roster can take one more item (RFC 6121 §2.3.3)."""
+        limit = self.options.max_items
+        if await self.host.storage.rosters.count(str(user)) >= limit:
+            raise NotAllowed(f"the roster is full ({limit} contacts)")
 
     async def put(self, user: JID, item: RosterItem) -> None:
         version = await self.host.storage.rosters.put(str(user), item)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .db import Store, split_user, table_of
@@ -45,6 +45,9 @@ _ITEMS = select(
     _roster.c.groups,
 ).where(_roster.c.domain == bindparam("domain"), _roster.c.username == bindparam("username"))
 _ITEM = _ITEMS.where(_roster.c.jid == bindparam("jid"))
+_COUNT = select(func.count()).where(
+    _roster.c.domain == bindparam("domain"), _roster.c.username == bindparam("username")
+)
 _VERSION = select(_versions.c.version).where(
     _versions.c.domain == bindparam("domain"), _versions.c.username == bindparam("username")
 )
@@ -78,6 +81,12 @@ class Rosters(Store):
             rows = await conn.execute(_ITEM, {"domain": domain, "username": username, "jid": jid})
             items = _items(rows)
         return items[0] if items else None
+
+    async def count(self, user: str) -> int:
+        """How many items the roster holds (the per-user cap)."""
+        domain, username = split_user(user)
+        async with self._connect() as conn:
+            return int(await conn.scalar(_COUNT, {"domain": domain, "username": username}) or 0)
 
     async def snapshot(self, user: str, known: str | None) -> tuple[int, list[RosterItem] | None]:
         """The version and, unless it is ``known`` to the client already (RFC 6121 §2.6), the
