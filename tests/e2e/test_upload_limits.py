@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
+import socket
 import struct
 import sys
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -23,6 +26,7 @@ from PIL import Image
 from slixmpp import JID
 
 from tests.e2e.harness import DOMAIN, Client, Endpoint, clients
+from tests.e2e.test_upload import fetch, login, module, put, slot, upload_server
 from xmpp_server.sasl import make_credentials
 from xmpp_server.storage import Storage
 
@@ -69,8 +73,6 @@ def peak_rss(pid: int) -> int:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -192,3 +194,51 @@ async def test_bomb_uploads_leave_memory_bounded(migrated_db_url: str, tmp_path:
     )
     assert bomb_growth < 32 * MiB, f"{bomb_growth / MiB:.0f} MiB"
     assert photo_growth < BUDGET, f"{photo_growth / MiB:.0f} MiB"
+
+
+# -------------------------------------------------------------------------------- aborted
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+async def test_aborted_upload_is_one_info_line_and_leaves_nothing(
+    migrated_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, close: str
+) -> None:
+    """A client that closes mid-PUT (issue 13, defect 8): one INFO line, no traceback, no
+    partial file, and the same signed URL takes the whole file afterwards."""
+    caplog.set_level(logging.INFO)
+    data = bytes(range(256)) * 1000
+    async with upload_server(migrated_db_url, tmp_path) as (server, _):
+        async with clients(await login(server)) as (alice,):
+            put_url, get_url = await slot(alice, "a.bin", len(data), "application/octet-stream")
+            parts = urlsplit(put_url)
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            head = (
+                f"PUT {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+            )
+            writer.write(head.encode() + data[: len(data) // 2])
+            await writer.drain()
+            staging = module(server).staging
+            async with asyncio.timeout(10):  # the server has started writing the file
+                while not any(staging.iterdir()):
+                    await asyncio.sleep(0.01)
+            if close == "rst":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            async with asyncio.timeout(10):
+                while not [r for r in caplog.records if "aborted upload" in r.getMessage()]:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # anything else it would log comes now
+
+            aborted = [r for r in caplog.records if "aborted upload" in r.getMessage()]
+            assert len(aborted) == 1 and aborted[0].levelno == logging.INFO
+            assert f"after {len(data) // 2} of {len(data)} bytes" in aborted[0].getMessage()
+            loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+            assert loud == [], [(r.name, r.getMessage()) for r in loud]
+            uploads = tmp_path / "data" / "uploads"
+            assert [p for p in uploads.rglob("*") if p.is_file()] == []
+
+            assert await put(put_url, data, "application/octet-stream") == 201
+            status, _, body = await fetch(get_url)
+            assert status == 200 and body == data

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from sqlalchemy.exc import SQLAlchemyError
 
 from xmpp_server.blobs import BlobError, BlobNotFound, BlobStore, FsBlobs, S3Blobs
@@ -130,6 +131,14 @@ class UploadOptions:
                     raise ConfigError('must be set when storage = "s3"', f"modules.upload.{name}")
             if not self.endpoint_url.startswith(("http://", "https://")):
                 raise ConfigError("expected an http(s) URL", "modules.upload.endpoint_url")
+
+
+class UploadAborted(Exception):
+    """The client closed the connection in the middle of a PUT body."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"aborted after {received} bytes")
+        self.received = received
 
 
 def upload_dir(config: Config, options: UploadOptions) -> Path:
@@ -508,6 +517,16 @@ class HttpUpload(Module):
         try:
             digest = await self._receive(request, staged, upload.size)
             done = await self._store(upload, staged, digest)
+        except UploadAborted as exc:
+            # The client went away (a phone losing its network): routine, not a server error.
+            log.info(
+                "%s aborted upload %s after %d of %d bytes",
+                upload.owner,
+                slot,
+                exc.received,
+                upload.size,
+            )
+            raise self._error(web.HTTPBadRequest, "the upload was aborted") from None
         finally:
             staged.unlink(missing_ok=True)
         if not await self.host.storage.uploads.complete(slot, done):
@@ -518,14 +537,21 @@ class HttpUpload(Module):
         return response
 
     async def _receive(self, request: web.Request, staged: Path, size: int) -> str:
-        """Write the body to ``staged``; returns its SHA-256 (hex)."""
+        """Write the body to ``staged``; returns its SHA-256 (hex). Raises
+        :class:`UploadAborted` when the connection is lost before the body is complete."""
         digest = hashlib.sha256()
         received = 0
         fh = await asyncio.to_thread(staged.open, "wb")
         try:
             pending: list[bytes] = []
             pending_size = 0
-            async for chunk in request.content.iter_chunked(65536):
+            while True:
+                try:
+                    chunk = await request.content.readany()
+                except (ConnectionError, PayloadEncodingError):
+                    raise UploadAborted(received) from None
+                if not chunk:
+                    break
                 received += len(chunk)
                 if received > size:
                     raise self._too_large(size, received, "more data than announced")
