@@ -28,6 +28,7 @@ from xmpp_server.modules.vcard import VCard, load
 from xmpp_server.modules.version import Version
 from xmpp_server.router import Router
 from xmpp_server.sasl import make_credentials
+from xmpp_server.server import entitled
 from xmpp_server.stanza import error_condition, error_reply, make, qn
 from xmpp_server.storage import RosterItem, Storage
 from xmpp_server.xml import Element, tostring
@@ -124,7 +125,7 @@ async def server(storage: Storage, tmp_path: Path) -> AsyncIterator[Server]:
     async def account_exists(jid: JID) -> bool:
         return await storage.accounts.exists(str(jid.bare))
 
-    router = Router(DOMAIN, account_exists)
+    router = Router(DOMAIN, account_exists, entitled(storage))
     host = FakeHost(config, storage, router, asyncio.get_running_loop().time())
 
     # Stand-in for the presence module: presence to a bare JID reaches its available resources.
@@ -292,20 +293,23 @@ async def test_vcard_publish_then_everyone_reads_it(server: Server) -> None:
     assert wire(alice.one()) == f'<iq type="result" id="q3" to="alice@localhost/phone">{card}</iq>'
 
 
-async def test_vcard_of_someone_without_one_is_not_found(server: Server) -> None:
+async def test_vcard_of_someone_without_one_looks_like_no_account(server: Server) -> None:
     server.add(VCard)
     bob = await server.login("bob@localhost/pc")
     await server.send(bob, iq("get", el(NS_VCARD, "vCard"), to=ALICE))
     reply = bob.one()
     assert reply.get("from") == "alice@localhost"
-    assert_error(reply, "item-not-found", "cancel")
+    # XEP-0054 §3.3: the same answer as for an account that does not exist.
+    assert_error(reply, "service-unavailable", "cancel")
+    await server.send(bob, iq("get", el(NS_VCARD, "vCard"), to="nobody@localhost"))
+    assert_error(bob.one(), "service-unavailable", "cancel")
 
 
 async def test_vcard_of_someone_else_cannot_be_set(server: Server) -> None:
     server.add(VCard)
     bob = await server.login("bob@localhost/pc")
     await server.send(bob, iq("set", vcard("Not Alice"), to=ALICE))
-    assert_error(bob.one(), "forbidden", "auth")
+    assert_error(bob.one(), "service-unavailable", "cancel")  # tells nothing about alice
     assert await server.storage.vcards.get(str(ALICE)) is None
 
 
@@ -349,14 +353,15 @@ async def test_last_server_uptime(server: Server) -> None:
     )
 
 
-async def test_last_forbidden_without_subscription(server: Server) -> None:
+async def test_last_refused_without_subscription(server: Server) -> None:
     server.add(LastActivity)
     await server.storage.last_activity.set(str(BOB), 1000.0, "")
     alice = await server.login("alice@localhost/phone")
     await server.send(alice, iq("get", el(NS_LAST, "query"), to=BOB))
     reply = alice.one()
     assert reply.get("from") == "bob@localhost"
-    assert_error(reply, "forbidden", "auth")
+    # Not forbidden: that would tell a stranger bob exists (issue 13, defect 9).
+    assert_error(reply, "service-unavailable", "cancel")
 
 
 async def test_last_seen_with_status(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -478,9 +483,9 @@ async def test_blocklist_is_only_for_its_owner(server: Server) -> None:
     server.add(Blocking)
     bob = await server.login("bob@localhost/pc")
     await server.send(bob, iq("get", el(NS_BLOCK, "blocklist"), to=ALICE))
-    assert_error(bob.one(), "forbidden", "auth")
+    assert_error(bob.one(), "service-unavailable", "cancel")
     await server.send(bob, iq("set", block("block", "carol@localhost"), to=ALICE))
-    assert_error(bob.one(), "forbidden", "auth")
+    assert_error(bob.one(), "service-unavailable", "cancel")
     assert await server.storage.blocklist.get(str(ALICE)) == []
 
 
@@ -767,11 +772,11 @@ async def test_register_change_password_refused(
     assert await server.storage.accounts.credentials(str(ALICE), "SCRAM-SHA-256") == before
 
 
-async def test_register_other_account_is_forbidden(server: Server) -> None:
+async def test_register_other_account_is_refused(server: Server) -> None:
     server.add(Register)
     bob = await server.login("bob@localhost/pc")
     await server.send(bob, iq("set", reg(("remove", None)), to=ALICE))
-    assert_error(bob.one(), "forbidden", "auth")
+    assert_error(bob.one(), "service-unavailable", "cancel")
     assert await server.storage.accounts.exists(str(ALICE))
 
 
@@ -807,7 +812,7 @@ async def test_register_remove_says_goodbye_to_contacts(storage: Storage, tmp_pa
     async def account_exists(jid: JID) -> bool:
         return await storage.accounts.exists(str(jid.bare))
 
-    router = Router(DOMAIN, account_exists)
+    router = Router(DOMAIN, account_exists, entitled(storage))
     srv = Server(FakeHost(config, storage, router, 0.0))
     for module in (Roster, Presence, Register):
         srv.add(module)

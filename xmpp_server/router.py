@@ -61,6 +61,17 @@ Filter = Callable[[Element, JID, JID], Awaitable[StanzaError | bool]]
 """(stanza, from, to-bare) → False to pass, True to drop silently, an error to bounce."""
 DeliveredHook = Callable[[Element, JID, list[Session]], None]
 """(message, recipient account, the sessions it was written to) after a live delivery."""
+Entitled = Callable[[JID, JID], Awaitable[bool]]
+"""(account, requester) → whether the requester may learn about the account (subscribed)."""
+
+
+class _SendersOwn(Exception):
+    """A stanza error about the sender's own doing (a ``message/sent`` hook refused it):
+    the sender gets it unchanged, not the discreet answer given on an account's behalf."""
+
+    def __init__(self, error: StanzaError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +94,17 @@ class _Hooks:
 class Router:
     """Who is online where, and which handler takes which stanza."""
 
-    def __init__(self, domain: str, account_exists: Callable[[JID], Awaitable[bool]]) -> None:
+    def __init__(
+        self,
+        domain: str,
+        account_exists: Callable[[JID], Awaitable[bool]],
+        entitled: Entitled | None = None,
+    ) -> None:
         self.domain = domain
         self.account_exists = account_exists
+        # Who may see errors answered on behalf of an account (see :meth:`_discreet`);
+        # None: only the account itself.
+        self.entitled = entitled
         self.sessions: dict[JID, dict[str, Session]] = {}
         self._iq: dict[IqKey, IqHandler] = {}
         self._hooks: dict[str, _Hooks] = {}
@@ -264,6 +283,8 @@ class Router:
             and self._answered(stanza)
         ):
             return
+        # Errors past the sender's own checks (its blocklist) speak for the addressee.
+        addressee_speaks = False
         try:
             if to is None:
                 await self._to_self(origin, stanza, kind, sender)
@@ -282,19 +303,48 @@ class Router:
             if sender.bare != to.bare or origin is None:
                 if await self._filtered(self._out_filters, stanza, sender, to):
                     return
+                addressee_speaks = True
                 if await self._filtered(self._in_filters, stanza, sender, to):
                     return
+            addressee_speaks = True
             if kind == "message" and not await self._message_pipeline(origin, stanza, to):
                 return
             if to.resource is None:
                 await self._to_bare(origin, stanza, kind, to)
             else:
                 await self._to_full(origin, stanza, kind, to)
+        except _SendersOwn as own:
+            self.bounce(origin, stanza, own.error)
         except StanzaError as exc:
+            if addressee_speaks and origin is not None and kind != "presence":
+                exc = await self._discreet(exc, sender, to)
             self.bounce(origin, stanza, exc)
         except Exception:
             log.exception("error while routing a %s", kind)
-            self.bounce(origin, stanza, InternalServerError())
+            error: StanzaError = InternalServerError()
+            if addressee_speaks and origin is not None and kind != "presence":
+                error = await self._discreet(error, sender, to)
+            self.bounce(origin, stanza, error)
+
+    async def _discreet(self, exc: StanzaError, sender: JID, to: JID | None) -> StanzaError:
+        """The error a client gets for an iq or message to a local account: only the account
+        itself and contacts with a presence subscription to it get the real one; anyone else
+        gets a bare ``service-unavailable``, exactly what a JID that is no account answers
+        (XEP-0054 §3.3, RFC 6121 §8.5.1), so errors cannot tell which accounts exist.
+        (Presence errors are left alone: they concern the sender's own roster.)"""
+        if to is None or to.local is None or to.domain != self.domain:
+            return exc
+        if sender.bare == to.bare:
+            return exc
+        if exc.condition == "service-unavailable" and not exc.text and not exc.extra:
+            return exc
+        if self.entitled is not None:
+            try:
+                if await self.entitled(to.bare, sender.bare):
+                    return exc
+            except Exception:
+                log.exception("could not check who may see errors of %s", to.bare)
+        return ServiceUnavailable()
 
     async def _message_pipeline(self, origin: Session | None, stanza: Element, to: JID) -> bool:
         """Run the sent/incoming hooks for a message to a local account; False = stop."""
@@ -302,8 +352,11 @@ class Router:
             if stanza.get("type") == "error":
                 return False
             raise ServiceUnavailable()
-        if origin is not None and await self._run_hooks("message/sent", origin, stanza, to):
-            return False
+        try:
+            if origin is not None and await self._run_hooks("message/sent", origin, stanza, to):
+                return False
+        except StanzaError as exc:
+            raise _SendersOwn(exc) from exc  # about the sender (a rate limit), said as is
         return not await self._run_hooks("message/incoming", origin, stanza, to)
 
     def delivered(self, stanza: Element, user: JID, sessions: list[Session]) -> None:

@@ -12,7 +12,7 @@ import signal
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -102,6 +102,17 @@ class KnownAccounts:
         self._seen.pop(jid.bare, None)
 
 
+def entitled(storage: Storage) -> Callable[[JID, JID], Awaitable[bool]]:
+    """The router's test for who may see an account's errors: contacts the account has
+    granted a presence subscription to (RFC 6121 §4), as for presence itself."""
+
+    async def check(account: JID, requester: JID) -> bool:
+        item = await storage.rosters.get(str(account), str(requester.bare))
+        return item is not None and item.subscription in ("from", "both")
+
+    return check
+
+
 class Server:
     """A running natterd: ``await Server.start(config)``, then ``await server.stop()``."""
 
@@ -161,7 +172,7 @@ class Server:
             host = Host(
                 config=config,
                 storage=storage,
-                router=Router(domain, known.exists),
+                router=Router(domain, known.exists, entitled(storage)),
                 known_accounts=known,
                 ssl_context=context,
                 bindings=bindings,

@@ -36,7 +36,8 @@ async def test_last_seen_only_for_subscribed_contacts(migrated_db_url: str, tmp_
             assert seen["last_activity"]["status"] == "gone fishing"
             with pytest.raises(IqError) as refused:
                 await carol.plugin["xep_0012"].get_last_activity(a)
-            assert refused.value.iq["error"]["condition"] == "forbidden"
+            # Not forbidden: a stranger must not learn that alice exists (issue 13, defect 9).
+            assert refused.value.iq["error"]["condition"] == "service-unavailable"
 
 
 async def test_vcard_publish_and_fetch(migrated_db_url: str, tmp_path: Path) -> None:

@@ -403,18 +403,19 @@ async def test_bad_requests_get_the_conditions_of_xep_0313(
             assert await condition(fields={"x-unknown": "1"}) == "feature-not-implemented"
 
 
-async def test_another_users_archive_is_forbidden(migrated_db_url: str, tmp_path: Path) -> None:
+async def test_another_users_archive_is_refused(migrated_db_url: str, tmp_path: Path) -> None:
     async with running_server(migrated_db_url, tmp_path) as server:
         a, b = await add_user(server, "alice"), await add_user(server, "bob")
         await server.host.storage.archive.append_many(b, entries(3, start=recent(3)))
         async with clients(MamClient(server, a)) as (alice,):
             await alice.login()
-            assert await error_of(mam_query(alice, to=b)) == "forbidden"
+            # As for an account that does not exist: strangers learn nothing (issue 13, #9).
+            assert await error_of(mam_query(alice, to=b)) == "service-unavailable"
             metadata = alice.plugin["xep_0313"].get_archive_metadata(jid=b)
-            assert await error_of(metadata) == "forbidden"
+            assert await error_of(metadata) == "service-unavailable"
             prefs = alice.make_iq_get(ito=b)
             prefs.xml.append(ET.Element(f"{{{NS_MAM}}}prefs"))
-            assert await error_of(prefs.send(timeout=TIMEOUT)) == "forbidden"
+            assert await error_of(prefs.send(timeout=TIMEOUT)) == "service-unavailable"
             # Addressed to her own bare JID it is her (empty) archive.
             assert (await mam_query(alice, to=a)).results == []
 

@@ -226,8 +226,10 @@ async def test_avatar_and_nick_need_a_presence_subscription(
 
             with pytest.raises(IqError) as refused:
                 await carol.plugin["xep_0060"].get_items(a, AVATAR_METADATA)
-            assert refused.value.iq["error"]["condition"] == "not-authorized"
-            assert pubsub_condition(refused.value) == "presence-subscription-required"
+            # A stranger is answered as for an account that does not exist (issue 13,
+            # defect 9), not with XEP-0060's presence-subscription-required.
+            assert refused.value.iq["error"]["condition"] == "service-unavailable"
+            assert pubsub_condition(refused.value) is None
             with pytest.raises(IqError) as missing:
                 await bob.plugin["xep_0060"].get_items(a, "urn:example:nothing")
             assert missing.value.iq["error"]["condition"] == "item-not-found"

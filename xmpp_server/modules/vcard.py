@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from xmpp_server.errors import (
     Forbidden,
     InternalServerError,
-    ItemNotFound,
     NotAcceptable,
+    ServiceUnavailable,
     StreamError,
 )
 from xmpp_server.modules.base import Module
@@ -66,9 +66,10 @@ class VCard(Module):
         requester, account = iq_addresses(iq)
         stored = await self.host.storage.vcards.get(str(account))
         if stored is None:
-            # Your own missing vCard is simply empty; someone else's is not there.
+            # Your own missing vCard is simply empty. Someone else's is answered exactly as
+            # an account that does not exist is (XEP-0054 §3.3: no directory harvesting).
             if requester.bare != account:
-                raise ItemNotFound()
+                raise ServiceUnavailable()
             vcard = Element(VCARD)
         else:
             try:
