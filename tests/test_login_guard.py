@@ -100,3 +100,12 @@ def test_memory_is_bounded() -> None:
     for i in range(100):
         guard.success(f"10.1.{i // 256}.{i % 256}", ALICE)
     assert len(guard) <= 50 * 3 + 50 * 16
+
+
+def test_a_known_ipv6_network_stays_known_across_privacy_addresses() -> None:
+    guard = LoginGuard(LIMITS)
+    guard.success("2001:db8:1:2::1", ALICE)
+    for i in range(50):
+        guard.failure(f"2001:db8:9:{i:x}::1", ALICE, float(i))
+    assert guard.blocked("2001:db8:1:2:abcd::7", ALICE, 50.0) == 0.0
+    assert guard.blocked("2001:db8:1:3::1", ALICE, 50.0) > 0

@@ -8,9 +8,10 @@ failures are counted three ways, each with its own lock:
 * per address (an IPv6 address counts as its /64), across accounts: password spraying;
 * per account, across addresses: distributed guessing.
 
-An address that has authenticated an account before is *known* for it and is only ever held
-back by its own (address, account) failures: what other addresses do can never lock the
-owner out of the networks it uses. Later a device token can play the address's part.
+An address that has authenticated an account before (an IPv6 address: any in its /64) is
+*known* for it and is only ever held back by its own (address, account) failures: what other
+addresses do can never lock the owner out of the networks it uses. Later a device token can
+play the address's part.
 
 Sans-IO (``now`` is passed in) and in memory: a restart forgets failures and known
 addresses alike (so the first login after a restart is from an unknown address), which
@@ -75,8 +76,10 @@ class LoginGuard:
         self._known: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
 
     def known(self, address: str, account: str) -> bool:
+        """Whether ``address`` (its network: IPv6 privacy addresses change daily within
+        the /64) has logged in to ``account`` before."""
         addresses = self._known.get(account)
-        return addresses is not None and address in addresses
+        return addresses is not None and network_of(address) in addresses
 
     def blocked(self, address: str, account: str, now: float) -> float:
         """Seconds until ``address`` may try ``account``'s password again; 0.0 if now."""
@@ -113,8 +116,9 @@ class LoginGuard:
             addresses = self._known[account] = OrderedDict()
         else:
             self._known.move_to_end(account)
-        addresses[address] = None
-        addresses.move_to_end(address)
+        network = network_of(address)
+        addresses[network] = None
+        addresses.move_to_end(network)
         while len(addresses) > KNOWN_PER_ACCOUNT:
             addresses.popitem(last=False)
         while len(self._known) > self.limits.max_keys:

@@ -88,3 +88,20 @@ async def test_contacts_and_the_account_itself_still_get_real_answers(
             assert await answer(bob, a, *QUERIES["vcard"]) == await answer(
                 bob, "nobody@localhost", *QUERIES["vcard"]
             )
+
+
+async def test_registration_requests_for_others_look_like_no_account(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    overrides = {"modules": {"register": {"enabled": True}}}
+    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+        alice = await add_user(server, "alice")
+        carol = await add_user(server, "carol")
+        remove = "<query xmlns='jabber:iq:register'><remove/></query>"
+        async with clients(Client(server, carol)) as (stranger,):
+            await stranger.login()
+            for type_, payload in (("get", QUERIES["register"][1]), ("set", remove)):
+                existing = await answer(stranger, alice, type_, payload)
+                assert existing == await answer(stranger, "nobody@localhost", type_, payload)
+                assert "service-unavailable" in existing
+        assert await server.host.storage.accounts.exists(alice)

@@ -131,8 +131,10 @@ class Register(Module):
     async def on_set(self, origin: Session | None, iq: Element) -> None:
         query = iq.find(qn(NS_REGISTER, "query"))
         assert query is not None  # the router dispatched on it
+        # Someone else's account: answered with the request as it came, like a JID that is
+        # no account (the router makes the error service-unavailable for strangers).
+        session, user = self._user(origin, iq)
         try:
-            session, user = self._user(origin, iq)
             if query.find(qn(NS_REGISTER, "remove")) is not None:
                 await self._remove(session, iq, query, user)
             else:
