@@ -31,10 +31,14 @@ run: $(STAMP)
 # one fails here every time, not only beside a running demo. NATTER_TEST_TAKE_DEMO_PORTS=0: not.
 NATTER_TEST_TAKE_DEMO_PORTS ?= 1
 export NATTER_TEST_TAKE_DEMO_PORTS
+# pytest-xdist workers; tests that cannot share the machine are in one xdist_group.
+# PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 
 test: $(STAMP) lint
 	@./scripts/install-peers.sh
-	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider \
+		-n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check xmpp_server stun voip tests schema bench

@@ -7,6 +7,7 @@ PostgreSQL comes from ``NATTER_TEST_POSTGRES_URL`` (an admin URL; ``make test`` 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -182,3 +183,34 @@ def hold_demo_ports() -> Iterator[list[tuple[str, socket.SocketKind, int]]]:
         return
     with holding_demo_ports() as taken:
         yield taken
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Put the logging configuration back after each test: ``configure_logging`` (natterd's
+    and natterctl's ``main``) replaces the root handlers and sets levels, and under pytest -n
+    the next test on that worker is a different one each run."""
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers if not _pytest_handler(h)]
+    level, disabled = root.level, logging.root.manager.disable
+    levels = {
+        name: (logger.level, logger.disabled)
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    for handler in root.handlers:
+        if handler not in handlers and not _pytest_handler(handler):
+            handler.close()
+    # pytest's capture handlers come and go with each phase: leave those of this one.
+    root.handlers[:] = handlers + [h for h in root.handlers if _pytest_handler(h)]
+    root.setLevel(level)
+    logging.disable(disabled)
+    for name, (logger_level, logger_disabled) in levels.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(logger_level)
+        logger.disabled = logger_disabled
+
+
+def _pytest_handler(handler: logging.Handler) -> bool:
+    return type(handler).__module__.startswith("_pytest")

@@ -51,7 +51,12 @@ from xmpp_server.config import load_config
 _reason = unavailable_reason()
 if _reason is None and shutil.which("nft") is None:
     _reason = "`nft` is not installed (apt-get install nftables): it counts RTP/RTCP per socket"
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"no NAT lab: {_reason}")
+pytestmark = [
+    pytest.mark.skipif(_reason is not None, reason=f"no NAT lab: {_reason}"),
+    # Namespaces, veths and nftables tables with fixed names, and the machine's routing: one
+    # pytest worker runs every NAT lab test (pytest -n --dist loadgroup).
+    pytest.mark.xdist_group("nat-lab"),
+]
 
 CALLER, CALLEE = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 TONES = {CALLER: 440.0, CALLEE: 660.0}

@@ -30,7 +30,12 @@ from tests.nat.lab import (
 )
 
 _reason = unavailable_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"no NAT lab: {_reason}")
+pytestmark = [
+    pytest.mark.skipif(_reason is not None, reason=f"no NAT lab: {_reason}"),
+    # Namespaces, veths and nftables tables with fixed names, and the machine's routing: one
+    # pytest worker runs every NAT lab test (pytest -n --dist loadgroup).
+    pytest.mark.xdist_group("nat-lab"),
+]
 
 SERVER = f"{SERVER_IP}:{STUN_PORT}"
 DEADLINE = 10.0  # seconds for ICE to connect: NAT'd calls take about 0.6 s, relayed a bit more
