@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= deploy/natterd.demo.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-compare clean
+.PHONY: install run test fuzz lint bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ test: $(STAMP) lint
 	@./scripts/install-peers.sh
 	@eval "$$(./scripts/test-services.sh)" && $(BIN)/pytest -q -p no:cacheprovider \
 		-n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# The long fuzzing campaign (docs/fuzzing.md): every fuzzer in tests/fuzz with the `fuzz`
+# Hypothesis profile, NATTER_FUZZ_EXAMPLES examples each (scaled by @fuzz_budget), on
+# PYTEST_WORKERS workers; test cases per fuzzer, failures, wall and CPU time go to FUZZ_REPORT.
+FUZZ_REPORT ?= fuzz-report.json
+
+fuzz: $(STAMP)
+	@eval "$$(./scripts/test-services.sh)" && HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q \
+		-p no:cacheprovider -m fuzz -n $(PYTEST_WORKERS) --fuzz-report $(FUZZ_REPORT) \
+		$(PYTEST_ARGS) tests/fuzz
+	@echo "fuzz: report in $(FUZZ_REPORT)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check xmpp_server stun voip tests schema bench

@@ -28,6 +28,9 @@ from xmpp_server.storage import Storage
 from xmpp_server.storage.migrations import alembic_config
 from xmpp_server.storage.tables import Base
 
+# Hypothesis test cases per test, for the `make fuzz` report (--fuzz-report).
+pytest_plugins = ["tests.fuzz.stats"]
+
 POSTGRES_URL_ENV = "NATTER_TEST_POSTGRES_URL"
 SKIP_POSTGRES_ENV = "NATTER_TEST_SKIP_POSTGRES"
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"

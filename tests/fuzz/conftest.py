@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.fuzz.stats import campaign_examples
 
 settings.register_profile(
     "ci",
@@ -15,9 +19,19 @@ settings.register_profile(
 )
 settings.register_profile(
     "fuzz",
-    max_examples=int(os.environ.get("NATTER_FUZZ_EXAMPLES", "200000")),
+    max_examples=campaign_examples(),  # per fuzzer; @fuzz_budget(w) scales one by w
     deadline=None,
     suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in tests/fuzz is a fuzzer for ``make fuzz`` (``-m fuzz``), marked or not."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.fuzz)
