@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import socket
 import struct
 import sys
@@ -233,7 +234,10 @@ async def test_aborted_upload_is_one_info_line_and_leaves_nothing(
 
             aborted = [r for r in caplog.records if "aborted upload" in r.getMessage()]
             assert len(aborted) == 1 and aborted[0].levelno == logging.INFO
-            assert f"after {len(data) // 2} of {len(data)} bytes" in aborted[0].getMessage()
+            # The half sent, or less: a close that reaches aiohttp before the handler's first
+            # read makes it drop what it buffered (seen under load, e.g. make test -n 2).
+            got = re.search(rf"after (\d+) of {len(data)} bytes", aborted[0].getMessage())
+            assert got is not None and 0 <= int(got[1]) <= len(data) // 2, aborted[0].getMessage()
             loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
             assert loud == [], [(r.name, r.getMessage()) for r in loud]
             uploads = tmp_path / "data" / "uploads"
