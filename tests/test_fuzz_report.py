@@ -41,6 +41,8 @@ def test_not_hypothesis():
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
 def test_report_counts_cases_and_failures(tmp_path: Path, workers: list[str]) -> None:
+    if workers:
+        pytest.importorskip("xdist", reason="pytest-xdist is not installed (the test extra)")
     (tmp_path / "test_fuzzers.py").write_text(FUZZERS)
     report = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYPOTHESIS_PROFILE": "ci"}
