@@ -293,7 +293,10 @@ class C2SConfig:
     direct_tls_port: int = field(default=5223, metadata={"min": 0, "max": 65535})
     require_tls: bool = True
     idle_timeout: float = field(default=300.0, metadata={"gt": 0})
-    """Seconds without traffic before a stream is closed; also the pre-authentication limit."""
+    """Seconds without traffic before a stream is closed."""
+    auth_timeout: float = field(default=60.0, metadata={"gt": 0})
+    """Seconds from connect to an established session (authenticated and bound or resumed),
+    however much the client trickles meanwhile; then stream error ``policy-violation``."""
     read_rate: int = field(default=65536, metadata={"min": 0})
     """Bytes per second per connection; 0 means unlimited."""
     read_burst: int = field(default=262144, metadata={"min": 1})

@@ -72,6 +72,8 @@ class Connection:
         self.detached = False
         self._resumable_end = False  # the transport died: keep the session for resumption
         self._replaced = False  # a resuming connection took this session over
+        self._ended = False  # end_session ran: deliveries take the lost path
+        self._auth_deadline: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._unbound = asyncio.Event()
         self._rescue: deque[Element] = deque()  # unconfirmed stanzas being rerouted
@@ -102,6 +104,11 @@ class Connection:
         Output is written once per event-loop pass: everything a connection gets in one
         pass (a burst of messages, a room's broadcasts) goes out in one TLS record and one
         send() instead of one each."""
+        if self._ended:
+            # A session that is over (a stale reference, a hook still running): never write
+            # into the void, give the stanza the path of one the client never received.
+            self._lost(Pending(stanza, on_ack, on_lost))
+            return
         if self.inactive and self.host.inactive_policy is not None:
             verdict = self.host.inactive_policy(stanza)
             if verdict != "send":
@@ -173,25 +180,75 @@ class Connection:
 
     async def run(self) -> None:
         self.log.info("connected")
+        # Counted from connect, not from the last byte: a client trickling a byte now and
+        # then keeps the idle timer happy but must still log in within auth_timeout.
+        self._auth_deadline = asyncio.get_running_loop().call_later(
+            self.host.config.c2s.auth_timeout, self._auth_expired
+        )
         try:
             await self._read_loop()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            # OSError covers ConnectionError and ssl.SSLError: a TLS peer that keeps writing
+            # after our close_notify, or that closes without one, is a lost connection.
             self.log.info("connection lost: %s", exc)
         except Exception:
             self.log.exception("connection failed")
-            self.stream.close(StreamError("internal-server-error"))
-            self._flush()
+            self._step("error", self._internal_error)
         finally:
-            self._closing = True
-            self._close_transport()
-            self.stream.no_more_input()
-            if self._replaced or not self.bound:
-                self.log.info("disconnected")
-            elif self.sm is not None and self.sm.resumable and self._resumable_end:
-                self._detach()
-            else:
-                await self.end_session()
-                self.log.info("disconnected")
+            # Teardown runs whatever ended the stream, cancellation included: a session left
+            # bound after its socket died swallows messages and never gives back its queue.
+            # It runs as its own task, so cancelling this one does not cut it short; then
+            # ``Server.stop`` waits for it with the rest of ``host.background``.
+            task = asyncio.ensure_future(self._teardown())
+            self.host.background.add(task)
+            task.add_done_callback(self.host.background.discard)
+            await asyncio.shield(task)
+
+    def _auth_expired(self) -> None:
+        """RFC 6120 §4.9.3.14 ``policy-violation``, not ``connection-timeout`` (§4.9.3.4):
+        the peer may well be sending, it has just not logged in within the time allowed."""
+        self._auth_deadline = None
+        if self.bound or self._closing:
+            return
+        timeout = self.host.config.c2s.auth_timeout
+        self.terminate(StreamError("policy-violation", f"not logged in within {timeout:g} s"))
+
+    def _cancel_auth_deadline(self) -> None:
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+            self._auth_deadline = None
+
+    def _internal_error(self) -> None:
+        self.stream.close(StreamError("internal-server-error"))
+        self._flush()
+
+    def _step(self, name: str, action: Callable[[], object]) -> None:
+        """One teardown step; its failure is logged and the next step runs anyway."""
+        try:
+            action()
+        except StreamError as exc:
+            # Input the parser still held when it was let go (text after the last stanza).
+            self.log.info("teardown: %s: %s", name, exc.condition)
+        except Exception:
+            self.log.exception("teardown step %r failed", name)
+
+    async def _teardown(self) -> None:
+        self._closing = True
+        self._cancel_auth_deadline()
+        self._step("close transport", self._close_transport)
+        self._step("release parser", self.stream.no_more_input)
+        if self._replaced or not self.bound:
+            self.log.info("disconnected")
+            return
+        if self.sm is not None and self.sm.resumable and self._resumable_end:
+            self._step("detach", self._detach)
+            if self.detached:
+                return
+        try:
+            await self.end_session()
+        except Exception:
+            self.log.exception("ending the session failed")
+        self.log.info("disconnected")
 
     # -- session end and resumption (XEP-0198) ----------------------------------------
 
@@ -205,20 +262,30 @@ class Connection:
 
     async def end_session(self) -> None:
         """The session is over for good: leave the router, then rescue what the client
-        never acknowledged."""
+        never acknowledged. From the first line on, anything still delivered to this
+        session takes the lost path (another resource or offline storage), and each step
+        runs even when the one before it failed."""
         if not self.bound:
             return
         self.bound = False
+        self._ended = True
         self.detached = False
         if self._expiry is not None:
             self._expiry.cancel()
         if self.sm is not None:
             self.host.resumable.pop(self.sm.id, None)
-        await self.host.router.unbind(self)
-        self._unbound.set()
-        if self.sm is not None:
-            for pending in self.sm.take_unacked():
-                self._lost(pending)
+        try:
+            await self.host.router.unbind(self)
+        except Exception:
+            self.log.exception("leaving the router failed")
+        finally:
+            self._unbound.set()
+            if self.sm is not None:
+                for pending in self.sm.take_unacked():
+                    try:
+                        self._lost(pending)
+                    except Exception:
+                        self.log.exception("could not rescue an unacknowledged stanza")
 
     def _lost(self, pending: Pending) -> None:
         if pending.on_lost is not None:
@@ -288,6 +355,7 @@ class Connection:
         self.host.router.replace(old, self)
         self.host.resumable[sm.id] = self
         self.bound = True
+        self._cancel_auth_deadline()
         self.log.extra = {"id": str(self.jid)}
         self.log.info("resumed session, %d stanzas to resend", len(sm.queue))
         for pending in confirmed:
@@ -363,7 +431,13 @@ class Connection:
                     self.sm.count_handled()  # only now: delivered or stored durably
             elif isinstance(event, st.AckReceived):
                 assert self.sm is not None
-                for pending in self.sm.ack(event.h):
+                try:
+                    confirmed = self.sm.ack(event.h)
+                except StreamError as exc:  # handled-count-too-high
+                    self.log.info("client acknowledged more than was sent: %s", exc)
+                    self.terminate(exc)
+                    return
+                for pending in confirmed:
                     if pending.on_ack is not None:
                         pending.on_ack()
                 # Stanzas sent after our <r/> still need confirming.
@@ -473,6 +547,7 @@ class Connection:
         self.log.extra = {"id": str(full)}
         await self.host.router.bind(self)
         self.bound = True
+        self._cancel_auth_deadline()
         return self.stream.bind_done(event.iq, full)
 
     # -- output -----------------------------------------------------------------------

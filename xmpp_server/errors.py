@@ -73,12 +73,16 @@ STANZA_CONDITIONS: dict[str, str] = {
 class StreamError(Exception):
     """A fatal error: the stream is closed with ``<stream:error>`` carrying ``condition``."""
 
-    def __init__(self, condition: str, text: str | None = None) -> None:
+    def __init__(
+        self, condition: str, text: str | None = None, *, extra: list[Any] | None = None
+    ) -> None:
         if condition not in STREAM_CONDITIONS:
             raise ValueError(f"unknown stream error condition {condition!r}")
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
+        # Application-specific condition elements (RFC 6120 §4.9.4), after the defined one.
+        self.extra: list[Any] = extra or []
 
 
 class StanzaError(Exception):

@@ -354,6 +354,22 @@ class Server:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, direct_tls: bool
     ) -> None:
+        """The last resort around one connection: nothing escapes to asyncio, which would
+        log "Unhandled exception in client_connected_cb" and leave the socket to the GC."""
+        try:
+            await self._serve_connection(reader, writer, direct_tls=direct_tls)
+        except asyncio.CancelledError:
+            # The loop is going away; asyncio's done-callback would choke on a cancelled task.
+            log.debug("connection handler cancelled")
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, direct_tls: bool
+    ) -> None:
         peer = writer.get_extra_info("peername")
         ip = network_of(peer[0]) if peer else "?"
         cap = self.host.config.c2s.max_connections_per_ip
@@ -414,7 +430,10 @@ class Server:
         # Sessions waiting for resumption end now: what they hold goes to offline storage.
         for conn in list(self.host.resumable.values()):
             if conn.detached:
-                await conn.end_session()
+                try:
+                    await conn.end_session()
+                except Exception:
+                    log.exception("ending a detached session failed")
         while self.host.background:
             await asyncio.gather(*list(self.host.background), return_exceptions=True)
         await self._stop_components()

@@ -55,9 +55,14 @@ class StreamManagement:
         """Apply the client's ``h``; return the stanzas it newly acknowledged."""
         count = (h - self.acked) % MAX_SEQ
         if count > len(self.queue):
+            # XEP-0198 (Acks): the stream error says what the client claimed and what was sent.
+            too_high = Element(
+                f"{{{NS_SM}}}handled-count-too-high", {"h": str(h), "send-count": str(self.sent)}
+            )
             raise StreamError(
                 "undefined-condition",
                 f"acknowledged {count} stanzas but only {len(self.queue)} were unacknowledged",
+                extra=[too_high],
             )
         done = [self.queue.popleft() for _ in range(count)]
         self.acked = h % MAX_SEQ

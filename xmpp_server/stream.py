@@ -675,6 +675,7 @@ class Stream:
             text = ET.SubElement(err, qn(NS_STREAM_ERRORS, "text"))
             text.set(XML_LANG, "en")
             text.text = exc.text
+        err.extend(exc.extra)
         self._out.append(tobytes(err))
         self._out.append(b"</stream:stream>")
         self.phase = Phase.CLOSED
