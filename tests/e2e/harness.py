@@ -14,6 +14,7 @@ from typing import Any
 import slixmpp
 
 from tests.ports import free_udp_tcp_port as free_udp_tcp_port  # re-exported
+from tests.ports import retry_on_port_clash
 from xmpp_server.config import build_config
 from xmpp_server.sasl import make_credentials
 from xmpp_server.server import Server
@@ -42,6 +43,20 @@ async def running_server(
         yield server
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_server_on_free_ports(
+    db_url: str, tmp_path: Path, overrides: Callable[[], dict[str, dict[str, Any]]]
+) -> AsyncIterator[Server]:
+    """``running_server`` with ``overrides()`` that pick free ports for listeners whose 0
+    means off (STUN, HTTP): on a clash it starts again with ``overrides()`` called anew. Read
+    the ports back from the server (``server.stun.addresses``, ``server.host.config``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await retry_on_port_clash(
+            lambda: stack.enter_async_context(running_server(db_url, tmp_path, overrides()))
+        )
+        yield server
 
 
 async def add_user(server: Server, local: str, password: str = "correct horse") -> str:

@@ -9,10 +9,20 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.harness import DOMAIN, Client, add_user, clients, next_matching, running_server
+from tests.e2e.harness import (
+    DOMAIN,
+    Client,
+    add_user,
+    clients,
+    free_udp_tcp_port,
+    next_matching,
+    running_server,
+    running_server_on_free_ports,
+)
 from xmpp_server import control
 from xmpp_server.cli import ctl_main
 
@@ -162,12 +172,12 @@ async def test_stats_count_sessions_rooms_and_stun_requests(
     migrated_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``natterctl stats``: the counters a metrics exporter will publish, STUN's included."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        udp_port = probe.getsockname()[1]
-    ports = {"udp_port": udp_port, "tcp_port": 0, "tls_port": 0}  # 0: off
-    overrides = {"stun": {"enabled": True, "host": ["127.0.0.1"], **ports}}
-    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+
+    def overrides() -> dict[str, dict[str, Any]]:
+        ports = {"udp_port": free_udp_tcp_port(), "tcp_port": 0, "tls_port": 0}  # 0: off
+        return {"stun": {"enabled": True, "host": ["127.0.0.1"], **ports}}
+
+    async with running_server_on_free_ports(migrated_db_url, tmp_path, overrides) as server:
         a = await add_user(server, "alice")
         assert server.stun is not None
         host, port = server.stun.addresses("udp")[0]
@@ -190,4 +200,3 @@ async def test_stats_count_sessions_rooms_and_stun_requests(
     assert stats["sessions"] == 1 and stats["accounts_online"] == 1
     assert stats["muc"] == {"rooms_loaded": 1, "occupants": 1}
     assert stats["stun"]["requests"] == {"BINDING": 1}
-

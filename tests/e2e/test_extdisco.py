@@ -12,6 +12,7 @@ import importlib.util
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +22,14 @@ from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET
 
 from stun.credentials import turn_credentials
-from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
+from tests.e2e.harness import (
+    Client,
+    add_user,
+    clients,
+    free_udp_tcp_port,
+    running_server,
+    running_server_on_free_ports,
+)
 from xmpp_server.config import ConfigError, build_config
 from xmpp_server.modules import validate_module_options
 from xmpp_server.modules.extdisco import ExtDisco, ExtDiscoOptions
@@ -32,6 +40,8 @@ TTL = 3600
 
 
 def stun_overrides(**extra: Any) -> dict[str, dict[str, Any]]:
+    """[stun] on a port free now; ``extra`` values that are callables are called (a port
+    picked anew at each start, e.g. ``tls_port=free_udp_tcp_port``)."""
     port = free_udp_tcp_port()
     stun = {
         "enabled": True,
@@ -44,7 +54,7 @@ def stun_overrides(**extra: Any) -> dict[str, dict[str, Any]]:
         "relay_host": "127.0.0.1",
         "allowed_peers": ["127.0.0.0/8"],
     }
-    stun.update(extra)
+    stun.update({key: value() if callable(value) else value for key, value in extra.items()})
     return {"stun": stun}
 
 
@@ -87,9 +97,9 @@ def check_credential(
 
 
 async def test_services_with_fresh_turn_credentials(migrated_db_url: str, tmp_path: Path) -> None:
-    overrides = stun_overrides(tls_port=free_udp_tcp_port())
-    port, tls_port = overrides["stun"]["udp_port"], overrides["stun"]["tls_port"]
-    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+    overrides = partial(stun_overrides, tls_port=free_udp_tcp_port)
+    async with running_server_on_free_ports(migrated_db_url, tmp_path, overrides) as server:
+        port, tls_port = server.host.config.stun.udp_port, server.host.config.stun.tls_port
         a, b = await add_user(server, "alice"), await add_user(server, "bob")
         async with clients(Client(server, a), Client(server, b)) as (alice, bob):
             for client in (alice, bob):
@@ -140,8 +150,10 @@ async def test_services_with_fresh_turn_credentials(migrated_db_url: str, tmp_pa
 
 
 async def test_public_host_and_generated_secret(migrated_db_url: str, tmp_path: Path) -> None:
-    overrides = stun_overrides(secret="", public_host="turn.example.org", tcp_port=0, turn=True)
-    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+    overrides = partial(
+        stun_overrides, secret="", public_host="turn.example.org", tcp_port=0, turn=True
+    )
+    async with running_server_on_free_ports(migrated_db_url, tmp_path, overrides) as server:
         a = await add_user(server, "alice")
         async with clients(Client(server, a)) as (alice,):
             await alice.login(presence=False)
@@ -265,10 +277,9 @@ async def test_xep0215_credentials_allocate_on_the_turn_server(
     from aioice import stun as aioice_stun
     from aioice.turn import create_turn_endpoint
 
-    overrides = stun_overrides()
-    server_addr = ("127.0.0.1", overrides["stun"]["udp_port"])
     loop = asyncio.get_running_loop()
-    async with running_server(migrated_db_url, tmp_path, overrides) as server:
+    async with running_server_on_free_ports(migrated_db_url, tmp_path, stun_overrides) as server:
+        server_addr = ("127.0.0.1", server.host.config.stun.udp_port)
         a = await add_user(server, "alice")
         async with clients(Client(server, a)) as (alice,):
             await alice.login(presence=False)

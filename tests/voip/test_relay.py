@@ -24,7 +24,14 @@ from slixmpp.exceptions import IqError
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
+from tests.e2e.harness import (
+    Client,
+    add_user,
+    clients,
+    free_udp_tcp_port,
+    running_server,
+    running_server_on_free_ports,
+)
 from tests.voip.test_softphone import open_peer_connections, open_transports, record
 from voip.jingle import NS_DTLS, NS_ICE_UDP, NS_JINGLE, NS_RTP, sdp_to_jingle
 from voip.relay import Anchor, Relay, RelayCall, end_to_end_protected, parse_port_range
@@ -480,10 +487,12 @@ async def test_every_leg_of_two_calls_shares_one_port() -> None:
 
 
 async def test_relay_shared_port_is_configured(sqlite_url: str, tmp_path: Path) -> None:
-    port = free_udp_tcp_port()
-    settings = {"modules": {"jingle": {"media": "relay", "relay_shared_port": port}}}
-    async with running_server(sqlite_url, tmp_path, settings) as server:
+    def settings() -> dict[str, dict[str, Any]]:
+        return {"modules": {"jingle": {"media": "relay", "relay_shared_port": free_udp_tcp_port()}}}
+
+    async with running_server_on_free_ports(sqlite_url, tmp_path, settings) as server:
         anchor: Anchor = server.host.modules["jingle"].anchor  # type: ignore[attr-defined]
+        port = server.host.config.modules["jingle"]["relay_shared_port"]
         assert anchor.relay.shared_port == port
 
 

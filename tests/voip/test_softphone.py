@@ -7,6 +7,7 @@ import asyncio
 import gc
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceTransport
 from slixmpp.exceptions import IqError
 
-from tests.e2e.harness import Client, add_user, clients, free_udp_tcp_port, running_server
+from tests.e2e.harness import (
+    Client,
+    add_user,
+    clients,
+    free_udp_tcp_port,
+    running_server,
+    running_server_on_free_ports,
+)
 from voip.jingle import NS_JINGLE, transport_info
 from voip.softphone import (
     NS_EXTDISCO,
@@ -224,18 +232,21 @@ async def test_rejected_retracted_and_unknown_sessions(sqlite_url: str, tmp_path
 async def test_call_uses_stun_and_turn_discovered_with_extdisco(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    port = free_udp_tcp_port()
-    stun = {
-        "enabled": True,
-        "host": ["127.0.0.1"],
-        "udp_port": port,
-        "tcp_port": port,
-        "tls_port": 0,
-        "secret": "softphone test secret",
-        "relay_host": "127.0.0.1",
-        "allowed_peers": ["0.0.0.0/0"],
-    }
-    async with running_server(sqlite_url, tmp_path, {"stun": stun}) as server:
+    def overrides() -> dict[str, dict[str, Any]]:
+        port = free_udp_tcp_port()
+        stun = {
+            "enabled": True,
+            "host": ["127.0.0.1"],
+            "udp_port": port,
+            "tcp_port": port,
+            "tls_port": 0,
+            "secret": "softphone test secret",
+            "relay_host": "127.0.0.1",
+            "allowed_peers": ["0.0.0.0/0"],
+        }
+        return {"stun": stun}
+
+    async with running_server_on_free_ports(sqlite_url, tmp_path, overrides) as server:
         alice_jid = await add_user(server, "alice")
         bob_jid = await add_user(server, "bob")
         async with clients(Client(server, alice_jid), Client(server, bob_jid)) as (alice, bob):
