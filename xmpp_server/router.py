@@ -25,7 +25,7 @@ from xmpp_server.errors import (
     StreamError,
 )
 from xmpp_server.jid import JID
-from xmpp_server.stanza import KIND, error_reply, make, new_id, payload
+from xmpp_server.stanza import KIND, check_client_stanza, error_reply, make, new_id, payload
 from xmpp_server.xml import Element
 
 log = logging.getLogger("natterd.router")
@@ -212,8 +212,14 @@ class Router:
     # -- routing ----------------------------------------------------------------------
 
     async def route(self, origin: Session, stanza: Element) -> None:
-        """Route a stanza a client sent: stamp ``from``, then deliver it."""
+        """Route a stanza a client sent: stamp ``from``, check its shape, then deliver it."""
         stanza.set("from", str(origin.jid))
+        malformed = check_client_stanza(stanza)
+        if malformed is not None:
+            # bad-request, or nothing at all for a malformed result or error (never answered).
+            log.debug("malformed %s from %s: %s", stanza.tag, origin.jid, malformed.text)
+            self.bounce(origin, stanza, malformed)
+            return
         try:
             to = _to(stanza)
         except StanzaError as exc:

@@ -10,7 +10,7 @@ import itertools
 import os
 import xml.etree.ElementTree as ET
 
-from xmpp_server.errors import NS_STANZA_ERRORS, StanzaError
+from xmpp_server.errors import NS_STANZA_ERRORS, BadRequest, StanzaError
 from xmpp_server.jid import JID
 from xmpp_server.xml import NS_CLIENT, XML_LANG, Element
 
@@ -27,6 +27,34 @@ _id_prefix = os.urandom(4).hex()
 def new_id() -> str:
     """A process-unique id for stanzas the server originates."""
     return f"{_id_prefix}-{next(_ids)}"
+
+
+IQ_TYPES = frozenset({"get", "set", "result", "error"})
+IQ_ERROR = f"{{{NS_CLIENT}}}error"
+
+
+def check_client_stanza(stanza: Element) -> StanzaError | None:
+    """What is wrong with a stanza a client sent, by RFC 6120 §8.2.3, or None.
+
+    An iq needs an ``id`` and a known ``type``; a get or set carries exactly one child (the
+    request), a result at most one, an error an ``<error/>``. The caller answers the error
+    with ``bad-request``, except to a result or an error, which are never answered (no error
+    loops): a malformed one is dropped."""
+    if stanza.tag != IQ:
+        return None
+    type_ = stanza.get("type")
+    if not stanza.get("id"):
+        return BadRequest("an iq needs an 'id'")
+    if type_ not in IQ_TYPES:
+        return BadRequest("an iq's 'type' is get, set, result or error")
+    children = len(stanza)
+    if type_ in ("get", "set") and children != 1:
+        return BadRequest(f"an iq {type_} carries exactly one child element")
+    if type_ == "result" and children > 1:
+        return BadRequest("an iq result carries at most one child element")
+    if type_ == "error" and stanza.find(IQ_ERROR) is None:
+        return BadRequest("an iq error carries an <error/> element")
+    return None
 
 
 def qn(ns: str, local: str) -> str:
