@@ -118,14 +118,16 @@ async def start_natterd(config: Path) -> Natterd:
                     text = b"".join(output).decode(errors="replace")
                     raise AssertionError(f"natterd exited before serving:\n{text}")
                 await asyncio.wait([reader], timeout=0.05)
+        cert = config.parent / "data" / "tls" / "localhost.crt"
+        endpoint = Endpoint(ports[b"c2s"], ports[b"c2s direct TLS"], cert)
     except BaseException:
+        # Whatever went wrong (no "c2s listening on" line in the log, too), natterd goes.
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
         await reader
         raise
-    cert = config.parent / "data" / "tls" / "localhost.crt"
-    return Natterd(proc, output, reader, Endpoint(ports[b"c2s"], ports[b"c2s direct TLS"], cert))
+    return Natterd(proc, output, reader, endpoint)
 
 
 @asynccontextmanager
