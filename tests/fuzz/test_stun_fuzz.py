@@ -33,6 +33,7 @@ from stun.message import (
 )
 from stun.policy import PeerPolicy
 from stun.turn import RelayHost
+from tests.fuzz.stats import fuzz_budget
 from tests.stun.fakes import NOW, PEER, TCP, UDP, Client, make_server
 
 # Attribute type numbers we know, plus neighbours, so bodies reach the value parsers.
@@ -379,6 +380,8 @@ class TurnSession(RuleBasedStateMachine):
 
 
 TestTurnSession = TurnSession.TestCase
+# About 17 ms a case of 50 steps: a quarter of the campaign's examples is ~15 minutes of CPU.
+TestTurnSession.settings = fuzz_budget(0.25, stateful_step_count=50)
 
 
 def test_peer_strategy_covers_both_verdicts() -> None:
