@@ -603,8 +603,8 @@ class HttpUpload(Module):
     async def _preview(self, staged: Path, content_type: str) -> Preview | None:
         """Probe the headers, then decode within the budget; None or the bare dimensions for
         what is refused or undecodable (the upload itself stays valid)."""
-        try:
-            probed = await asyncio.to_thread(probe, staged, content_type)
+        try:  # a job slot but no bytes: opening a file decodes no pixels, but it is work
+            probed = await self.decode_budget.run(0, probe, staged, content_type)
         except Exception as exc:  # noqa: BLE001 - parsers raise anything on hostile input
             log.info("no preview of %s (%s): %s", staged.name, content_type, exc)
             return None
