@@ -78,6 +78,9 @@ class Connection:
         self._unbound = asyncio.Event()
         self._rescue: deque[Element] = deque()  # unconfirmed stanzas being rerouted
         self._ack_requested = False
+        # Mailbox operations this session's stanzas queued (xmpp_server.mailbox): an ack
+        # (XEP-0198 <a/>, a resumption, the answer to the next iq) waits until they commit.
+        self._settle_seq = 0
         self._closing = False
         self._flush_pending = False
         self._tokens = float(host.config.c2s.read_burst)
@@ -337,6 +340,7 @@ class Connection:
         if old is None or old.sm is None or user is None or old.jid.bare != user.bare:
             return self.stream.resume_failed()
         sm = old.sm
+        await self._settle(old._settle_seq)  # <resumed h=…/> acknowledges what old handled
         try:
             confirmed = sm.ack(event.h)
         except StreamError:
@@ -426,9 +430,16 @@ class Connection:
         while queue:
             event = queue.popleft()
             if isinstance(event, st.StanzaReceived):
+                mailbox = self.host.mailbox
+                if event.stanza.tag == IQ:
+                    # The answer to an iq confirms what was sent before it (a client
+                    # without stream management has no other ack).
+                    await self._settle(self._settle_seq)
                 await self.host.router.route(self, event.stanza)
+                if mailbox is not None:
+                    self._settle_seq = mailbox.queued
                 if self.sm is not None:
-                    self.sm.count_handled()  # only now: delivered or stored durably
+                    self.sm.count_handled()  # in durable storage once _settle() returns
             elif isinstance(event, st.AckReceived):
                 assert self.sm is not None
                 try:
@@ -451,6 +462,7 @@ class Connection:
                     handler(self, event.element)
             elif isinstance(event, st.AckRequested):
                 assert self.sm is not None
+                await self._settle(self._settle_seq)
                 self.stream.send_ack(self.sm.handled)
             elif isinstance(event, st.SmEnableRequested):
                 queue.extend(self._enable_sm(event))
@@ -478,6 +490,13 @@ class Connection:
                     await self._linger()
                 self._close_transport()
                 return
+
+    async def _settle(self, seq: int) -> None:
+        """Wait until the mailbox committed operation ``seq`` (at once when it has)."""
+        mailbox = self.host.mailbox
+        if mailbox is not None and mailbox.committed < seq:
+            self._flush()  # what is ready goes out while we wait
+            await mailbox.settle(seq)
 
     async def _start_tls(self) -> None:
         self._flush()

@@ -61,6 +61,9 @@ Filter = Callable[[Element, JID, JID], Awaitable[StanzaError | bool]]
 """(stanza, from, to-bare) → False to pass, True to drop silently, an error to bounce."""
 DeliveredHook = Callable[[Element, JID, list[Session]], None]
 """(message, recipient account, the sessions it was written to) after a live delivery."""
+Keeper = Callable[[Element, JID, list[Session]], Awaitable[bool]]
+"""(message, recipient account, its live sessions) → True when it delivered the message
+itself, keeping it in durable storage until a client acknowledges it (the offline module)."""
 Entitled = Callable[[JID, JID], Awaitable[bool]]
 """(account, requester) → whether the requester may learn about the account (subscribed)."""
 
@@ -115,6 +118,7 @@ class Router:
         self._unbound: list[SessionHook] = []
         self._available: list[SessionHook] = []
         self._delivered: list[DeliveredHook] = []
+        self.keeper: Keeper | None = None
         # Server-originated iq requests awaiting their answer: id → (addressee, future).
         self._requests: dict[str, tuple[str, asyncio.Future[Element]]] = {}
 
@@ -446,8 +450,9 @@ class Router:
             top = max(s.priority for s in sessions)
             sessions = [s for s in sessions if s.priority == top]
         if sessions:
-            for s in sessions:
-                s.deliver(stanza)
+            if self.keeper is None or not await self.keeper(stanza, to, sessions):
+                for s in sessions:
+                    s.deliver(stanza)
             self.delivered(stanza, to, sessions)
             return
         if type_ == "headline":
@@ -463,9 +468,12 @@ class Router:
             return
         session = self.session(to)
         if session is not None:
-            session.deliver(stanza)
-            if kind == "message":
-                self.delivered(stanza, to.bare, [session])
+            if kind != "message":
+                session.deliver(stanza)
+                return
+            if self.keeper is None or not await self.keeper(stanza, to.bare, [session]):
+                session.deliver(stanza)
+            self.delivered(stanza, to.bare, [session])
             return
         # RFC 6121 §8.5.3.2: no such resource.
         if kind == "iq":

@@ -22,6 +22,7 @@ from xmpp_server.connection import Connection
 from xmpp_server.errors import StreamError
 from xmpp_server.jid import JID
 from xmpp_server.login_guard import GuardLimits, LoginGuard, network_of
+from xmpp_server.mailbox import Mailbox
 from xmpp_server.modules import build_modules
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.register import Register
@@ -65,6 +66,8 @@ class Host:
     nonza_handlers: dict[str, Callable[[Connection, Element], None]] = field(default_factory=dict)
     # XEP-0352: what an inactive session gets of a stanza (set by the csi module).
     inactive_policy: Callable[[Element], Literal["send", "hold", "drop"]] | None = None
+    # Group commit of the mailbox table (set by the offline module): acks wait for it.
+    mailbox: Mailbox | None = None
 
     @property
     def domain(self) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from tests.e2e.harness import TIMEOUT, Client, add_user, clients, next_matching, running_server
+from xmpp_server.connection import Connection
 from xmpp_server.jid import JID
 from xmpp_server.server import Server
 
@@ -23,6 +24,20 @@ async def detached(server: Server, jid: JID) -> None:
     async with asyncio.timeout(TIMEOUT):
         while not any(c.detached and c.jid == jid for c in server.host.resumable.values()):
             await asyncio.sleep(0.02)
+
+
+async def acked_by_client(server: Server, jid: JID) -> None:
+    """Until ``jid``'s client acknowledged everything sent to it and the mailbox committed
+    the deletions that follow."""
+    session = server.host.router.session(jid)
+    assert isinstance(session, Connection) and session.sm is not None
+    async with asyncio.timeout(TIMEOUT):
+        while session.sm.queue:
+            await asyncio.sleep(0.02)
+    mailbox = server.host.mailbox
+    assert mailbox is not None
+    while mailbox.committed < mailbox.queued:  # a commit may queue a deletion
+        await mailbox.settle(mailbox.queued)
 
 
 def bodies(client: Client) -> list[str]:
@@ -66,7 +81,8 @@ async def test_resumed_session_gets_everything_sent_meanwhile(
                 target = full if i % 2 else JID.parse(b)
                 alice.send_message(mto=str(target), mbody=f"meanwhile {i}", mtype="chat")
             await alice.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
-            assert await server.host.storage.offline.count(b) == 0  # held for the session
+            # Held for the session, and in the mailbox table until Bob's client acks them.
+            assert await server.host.storage.offline.count(b) >= 10
             bob.start()
             await bob.wait_until("session_resumed", TIMEOUT)
             await next_matching(bob.messages, lambda m: m["body"] == "meanwhile 9")
@@ -75,6 +91,10 @@ async def test_resumed_session_gets_everything_sent_meanwhile(
                 [f"before {i}" for i in range(5)] + [f"meanwhile {i}" for i in range(10)]
             )
             assert str(bob.boundjid) == str(full)
+            async with asyncio.timeout(TIMEOUT):
+                while await server.host.storage.offline.count(b) > 0:  # acked: deleted
+                    bob.plugin["xep_0198"].request_ack()
+                    await asyncio.sleep(0.05)
 
 
 async def test_session_never_resumed_goes_to_offline_storage(
@@ -138,8 +158,9 @@ async def test_thousand_offline_messages_in_order_then_deleted(
 async def test_session_end_keeps_what_a_client_never_confirmed(
     migrated_db_url: str, tmp_path: Path
 ) -> None:
-    """Messages written to a session that never acknowledged them go to offline storage
-    when the session ends (the client closing, or the server stopping)."""
+    """Messages written to a session that never acknowledged them are in the mailbox table
+    all along and stay there when the session ends (the client closing, or the server
+    stopping)."""
     async with running_server(migrated_db_url, tmp_path) as server:
         a, b = await add_user(server, "alice"), await add_user(server, "bob")
         alice, bob = Client(server, a), Client(server, b, stream_management=True)
@@ -150,7 +171,7 @@ async def test_session_end_keeps_what_a_client_never_confirmed(
             for i in range(5):
                 alice.send_message(mto=b, mbody=f"unconfirmed {i}", mtype="chat")
             await alice.plugin["xep_0199"].ping("localhost", timeout=TIMEOUT)
-            assert await server.host.storage.offline.count(b) == 0
+            assert await server.host.storage.offline.count(b) == 5
             storage_url = server.host.config.storage.url
     # Bob's session is over: the five are in his offline store, not lost with the socket.
     from xmpp_server.storage import Storage
@@ -193,5 +214,7 @@ async def test_ephemeral_mode_keeps_nothing_after_the_ack(
                 await alice.login()
                 alice.send_message(mto=b, mbody="live", mtype="chat")
                 await next_matching(bob.messages, lambda m: m["body"] == "live")
+                # Kept in the mailbox only until Bob's client acknowledged it.
+                await acked_by_client(server, JID.parse(str(bob.boundjid)))
         assert await sql_count(server, "offline_messages") == 0
         assert await sql_count(server, "archive") == 0

@@ -48,6 +48,28 @@ class OfflineMessages(Store):
             )
             return result.scalar_one()
 
+    async def apply(
+        self, rows: Sequence[tuple[str, str]], delete_ids: Sequence[int] = ()
+    ) -> list[int]:
+        """One transaction for a whole batch (group commit, see ``xmpp_server.mailbox``):
+        insert ``(user, xml)`` rows and return their ids in the same order, delete rows by
+        id. One commit, one fsync on SQLite, however many senders the batch serves."""
+        async with self._engine.begin() as conn:
+            ids: list[int] = []
+            if rows:
+                params = []
+                for user, xml in rows:
+                    domain, username = split_user(user)
+                    params.append({"domain": domain, "username": username, "xml": xml})
+                result = await conn.execute(
+                    insert(_offline).returning(_offline.c.id, sort_by_parameter_order=True),
+                    params,
+                )
+                ids = list(result.scalars())
+            if delete_ids:
+                await conn.execute(delete(_offline).where(_offline.c.id.in_(list(delete_ids))))
+            return ids
+
     async def fetch(self, user: str, limit: int | None = None) -> list[tuple[int, str]]:
         """Oldest first; the messages stay stored until :meth:`delete`."""
         domain, username = split_user(user)
