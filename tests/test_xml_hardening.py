@@ -281,3 +281,23 @@ def test_memory_held_per_connection_is_about_the_bytes_held() -> None:
     data = HEADER + b"<message to='" + b"A" * (budget - 100)
     memory = held_memory(data)
     assert memory < 4 * budget + 64 * 1024, memory
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        b"<message><x xmlns=''><y/></x></message>",
+        b"<message><xml:x xml:lang='en'/></message>",
+        b"<message><stream:x><y/></stream:x></message>",
+    ],
+    ids=["undeclared-default", "xml-prefixed-element", "stream-prefixed-element"],
+)
+def test_reserved_and_empty_namespaces_round_trip(stanza: bytes) -> None:
+    """Found by the round-trip fuzzer: ``xmlns=''`` and an element in the ``xml:`` namespace
+    (which may not be declared as a default namespace) must come back as they went in."""
+    events = XmlStreamParser().feed(HEADER + stanza)
+    element = events[-1].element  # type: ignore[union-attr]
+    text = tostring(element)
+    assert well_formed(text), text
+    again = fromstring(text)
+    assert ET.tostring(again) == ET.tostring(element)

@@ -327,6 +327,8 @@ class Stream:
         return self._drain_held(events)
 
     def bind_done(self, iq: Element, full_jid: JID) -> list[StreamEvent]:
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self.jid = full_jid
         self.phase = Phase.BOUND
@@ -338,6 +340,8 @@ class Stream:
     def sm_enabled(self, sm_id: str, resume: bool, max_seconds: int) -> list[StreamEvent]:
         """Answer ``SmEnableRequested``; what the client pipelined after ``<enable/>`` (an
         ``<r/>`` in the same packet is common) is only handled now that SM is on."""
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self.sm_active = True
         attrs = f" id='{escape_attr(sm_id)}' resume='true' max='{max_seconds}'" if resume else ""
@@ -345,17 +349,25 @@ class Stream:
         return self._drain_held([])
 
     def sm_failed(self, condition: str = "unexpected-request") -> None:
+        if self.phase is Phase.CLOSED:
+            return
         self._out.append(_sm_failed(condition))
 
     def send_ack(self, h: int) -> None:
+        if self.phase is Phase.CLOSED:
+            return
         self._out.append(f"<a xmlns='{NS_SM}' h='{h}'/>".encode())
 
     def request_ack(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
         self._out.append(f"<r xmlns='{NS_SM}'/>".encode())
 
     def resumed(self, full_jid: JID, previd: str, h: int) -> list[StreamEvent]:
         """The session ``previd`` continues on this stream; the shell then resends what the
         client has not acknowledged."""
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self.jid = full_jid
         self.phase = Phase.BOUND
@@ -366,16 +378,22 @@ class Stream:
         return self._drain_held([])
 
     def resume_failed(self, h: int | None = None) -> list[StreamEvent]:
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self._out.append(_sm_failed("item-not-found", h))
         return self._drain_held([])
 
     def registration_done(self, iq: Element) -> list[StreamEvent]:
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self._out.append(tobytes(iq_result(iq)))
         return self._drain_held([])
 
     def registration_failed(self, iq: Element, error: StanzaError) -> list[StreamEvent]:
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         # Never echo the request back: it holds the password (XEP-0077 §3.3).
         reply = error_reply(Element(iq.tag, dict(iq.attrib)), error)
@@ -383,6 +401,8 @@ class Stream:
         return self._drain_held([])
 
     def bind_failed(self, iq: Element, error: StanzaError) -> list[StreamEvent]:
+        if self.phase is Phase.CLOSED:
+            return []  # closed while the shell worked: nothing may follow the close
         self._wait = Wait.NONE
         self._out.append(tobytes(error_reply(iq, error)))
         return self._drain_held([])

@@ -218,11 +218,13 @@ class XmlStreamParser:
         if encoding is not None and encoding.lower() not in ("utf-8", "utf8"):
             raise StreamError("unsupported-encoding", f"{encoding} is not UTF-8")
 
-    def _ns_decl(self, prefix: str | None, uri: str) -> None:
+    def _ns_decl(self, prefix: str | None, uri: str | None) -> None:
         # A declaration is an attribute too: 10,000 of them on one element were accepted.
         self._ns_count += 1
         if self._ns_count > self._max_attributes:
             raise StreamError("policy-violation", "too many attributes")
+        if uri is None:  # xmlns='' undeclares the default namespace
+            uri = ""
         if len(uri) > self._max_attribute_value:
             raise StreamError("policy-violation", "attribute value too long")
         if "}" in uri:
@@ -377,9 +379,10 @@ def _split(tag: str) -> tuple[str, str]:
 
 def _write(el: Element, parent_ns: str, out: list[str]) -> None:
     ns, local = _split(el.tag)
-    if ns == NS_STREAMS:
-        # The stream header declares the ``stream:`` prefix; children keep the default ns.
-        local = "stream:" + local
+    if ns == NS_STREAMS or ns == NS_XML:
+        # The stream header declares the ``stream:`` prefix and ``xml:`` is always bound
+        # (it may not be declared as a default namespace); children keep the default ns.
+        local = ("stream:" if ns == NS_STREAMS else "xml:") + local
         ns = parent_ns
     out.append("<" + local)
     if ns != parent_ns:
