@@ -301,3 +301,17 @@ def test_reserved_and_empty_namespaces_round_trip(stanza: bytes) -> None:
     assert well_formed(text), text
     again = fromstring(text)
     assert ET.tostring(again) == ET.tostring(element)
+
+
+def test_component_stream_has_the_small_budget_until_its_handshake() -> None:
+    from xmpp_server.component import ComponentStream
+
+    limits = XmlLimits(max_stanza_size=100_000, max_stanza_size_before_auth=5000)
+    stream = ComponentStream({"push.example.org": "s3cret"}, limits)
+    stream.receive_data(
+        b"<stream:stream xmlns='jabber:component:accept' "
+        b"xmlns:stream='http://etherx.jabber.org/streams' to='push.example.org'>"
+    )
+    stream.receive_data(b"<handshake>" + b"A" * 6000)
+    assert stream.closed
+    assert b"<policy-violation " in stream.data_to_send()

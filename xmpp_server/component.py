@@ -95,7 +95,11 @@ class ComponentStream:
         self.authenticated = False
         self.closed = False
         self.stream_id = base64.b32encode(os.urandom(10)).decode().lower()
-        self._parser = XmlStreamParser(limits)
+        # Until the handshake an unknown peer gets the small pre-auth byte budget, as on c2s.
+        self._limits = limits or XmlLimits()
+        self._parser = XmlStreamParser(
+            self._limits, budget=self._limits.max_stanza_size_before_auth
+        )
         self._out: list[bytes] = []
         self._header_sent = False
 
@@ -163,6 +167,7 @@ class ComponentStream:
             if not hmac.compare_digest((el.text or "").strip().lower(), expected):
                 raise StreamError("not-authorized", "wrong handshake")
             self.authenticated = True
+            self._parser.budget = self._limits.max_stanza_size
             self._out.append(f"<handshake xmlns='{NS_COMPONENT}'/>".encode())
             events.append(ComponentAuthenticated(self.domain))
             return
