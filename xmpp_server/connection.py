@@ -20,6 +20,7 @@ from xmpp_server.errors import (
 from xmpp_server.jid import JID
 from xmpp_server.sm import Pending, StreamManagement
 from xmpp_server.stanza import IQ, MESSAGE, qn
+from xmpp_server.storage.errors import STORAGE_DOWN
 from xmpp_server.xml import Element
 
 if TYPE_CHECKING:
@@ -521,7 +522,15 @@ class Connection:
             return self.stream.reject_auth(
                 "temporary-auth-failure", f"too many failed logins; retry in {wait:.0f} s"
             )
-        creds = await self.host.storage.accounts.credentials(user, event.mechanism)
+        try:
+            creds = await self.host.storage.accounts.credentials(user, event.mechanism)
+        except STORAGE_DOWN as exc:
+            # RFC 6120 §6.5.12: the client retries later, rather than seeing a bare TCP close
+            # (or, worse, "not-authorized" and asking its user for a new password).
+            self.log.warning("login for %s: storage unavailable (%s)", user, type(exc).__name__)
+            return self.stream.reject_auth(
+                "temporary-auth-failure", "the account database is unavailable; retry shortly"
+            )
         return self.stream.provide_credentials(creds)
 
     def _auth_failed(self, event: st.AuthFailed) -> None:

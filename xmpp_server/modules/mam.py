@@ -29,7 +29,7 @@ import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,11 +45,13 @@ from xmpp_server.errors import (
     JidMalformed,
     NotAllowed,
     PolicyViolation,
+    ResourceConstraint,
     StreamError,
 )
 from xmpp_server.jid import JID, parse_valid
 from xmpp_server.modules.base import Module
 from xmpp_server.modules.jingle import JMI_TAGS
+from xmpp_server.modules.mam_writer import ArchiveWriter
 from xmpp_server.modules.stanza_id import STANZA_ID, new_stanza_id, stamp, stanza_id
 from xmpp_server.router import IqKey, Session
 from xmpp_server.stanza import clone, iq_addresses, iq_result, make, new_id, payload, qn
@@ -89,6 +91,7 @@ MAX_IDS = 1000  # values of the 'ids' field in one query
 MAX_PREF_JIDS = 1000  # JIDs in each preference list
 PURGE_INTERVAL = 3600.0  # seconds between retention purges
 REREADS = 5  # times a page is read again after setting unreadable rows aside
+CATCH_UP_WAIT = 10.0  # seconds a query waits for queued copies before answering 'wait'
 
 # Payloads that make a message worth archiving without a body (XEP-0313 §5.1.1 "MAY include
 # additional non-conversation messages": these are what clients need to sync state).
@@ -124,6 +127,11 @@ class MamOptions:
     """Most items in one page of results; a larger RSM <max/> is lowered to this."""
     full_text: bool = True
     """Offer XEP-0431 full-text search."""
+    max_backlog: int = field(default=10_000, metadata={"min": 1})
+    """Archive copies waiting to be written (the database slow or down) past which new
+    messages are refused with a ``wait``/``resource-constraint`` error instead of queued."""
+    shutdown_timeout: float = field(default=10.0, metadata={"min": 0})
+    """Seconds a stopping server waits for queued archive copies to be written."""
 
 
 def should_archive(message: Element) -> bool:
@@ -418,8 +426,7 @@ class Mam(Module):
         # mode without a query, so a user's first message after login costs no round-trip.
         # Only this module writes preferences (a stale member just costs one lookup).
         self._with_prefs: set[JID] | None = None
-        self._queue: list[tuple[str, ArchiveEntry]] = []  # written behind, in batches
-        self._writer: asyncio.Task[None] | None = None
+        self.writer = ArchiveWriter(self._append_batch, max_backlog=options.max_backlog)
 
     def setup(self) -> None:
         router = self.host.router
@@ -442,7 +449,7 @@ class Mam(Module):
             self._purger = asyncio.create_task(self._purge_forever(), name="mam-retention")
 
     async def stop(self) -> None:
-        await self.flushed()
+        await self.writer.close(self.options.shutdown_timeout)
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -507,9 +514,22 @@ class Mam(Module):
             return item is not None
         return prefs.default == "always"
 
+    def admit(self) -> None:
+        """Refuse a new message to archive while the backlog is full (the database slow or
+        down): the sender gets a ``wait`` error and sends again later, where queueing it
+        would grow memory without bound and dropping it would lose it silently."""
+        if self.writer.full:
+            raise ResourceConstraint("the message archive is behind; send again shortly")
+
     async def on_sent(self, origin: Session | None, message: Element, to: JID) -> bool:
         """The sender's copy, under an id of its own."""
         sender = JID.parse(message.get("from", ""))
+        if (
+            self.writer.full
+            and should_archive(message)
+            and not (self._keeps_nothing_for(sender.bare) and self._keeps_nothing_for(to.bare))
+        ):
+            self.admit()  # before any copy is queued or the message delivered
         if self._keeps_nothing_for(sender.bare):
             return False
         # A message to oneself is archived once, on the way in, under the id the client sees.
@@ -567,25 +587,21 @@ class Mam(Module):
         configuration); returns the timestamp it is archived under."""
         xml, body = stored_copy(message, self.host.domain)
         when = self._stamp()
-        entry = ArchiveEntry(sid, str(peer), direction, when, xml, body)
-        self._queue.append((str(owner), entry))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_queued(), name="mam-writer")
+        self.writer.add(str(owner), ArchiveEntry(sid, str(peer), direction, when, xml, body))
         return when
 
-    async def _write_queued(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                await self.host.storage.archive.append_batch(batch)
-            except (SQLAlchemyError, OSError):
-                # A lost archive copy must not cost the message itself, which was delivered.
-                log.exception("could not archive %d messages", len(batch))
+    async def _append_batch(self, batch: Sequence[tuple[str, ArchiveEntry]]) -> None:
+        await self.host.storage.archive.append_batch(batch)
 
     async def flushed(self) -> None:
         """Return once every message queued so far is in the database."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        await self.writer.flushed()
+
+    async def _caught_up(self) -> None:
+        """Wait for the queued copies before reading an archive (a page must not skip a
+        message still queued); while storage is down, a ``wait`` error, not a hang."""
+        if not await self.writer.flushed(CATCH_UP_WAIT):
+            raise ResourceConstraint("the message archive is catching up; ask again shortly")
 
     # -- queries ----------------------------------------------------------------------
 
@@ -613,7 +629,7 @@ class Mam(Module):
         request = parse_query(
             query, full_text=self.options.full_text, max_page=self.options.max_page
         )
-        await self.flushed()
+        await self._caught_up()
         try:
             page, messages = await self.read_page(
                 str(owner),
@@ -677,7 +693,7 @@ class Mam(Module):
 
     async def answer_metadata(self, session: Session, iq: Element, owner: JID) -> None:
         metadata = Element(qn(NS_MAM, "metadata"))
-        await self.flushed()
+        await self._caught_up()
         bounds = await self.host.storage.archive.metadata(str(owner))
         if bounds is not None:  # an empty archive has an empty <metadata/>
             for tag, item in zip(("start", "end"), bounds, strict=True):

@@ -140,11 +140,16 @@ class Archive(Store):
             return result.scalar_one()
 
     async def append_batch(self, entries: Sequence[tuple[str, ArchiveEntry]]) -> None:
-        """Archive messages of several owners in one transaction (the module's write-behind)."""
+        """Archive messages of several owners in one transaction (the module's write-behind).
+        Idempotent: a copy whose stanza-id the owner's archive already has is skipped, so a
+        batch retried after a commit whose answer was lost is not stored twice."""
         rows = [_row(split_user(owner), entry) for owner, entry in entries]
         if rows:
+            stmt = self._conflict_insert(ARCHIVE_TABLE).on_conflict_do_nothing(
+                index_elements=["domain", "username", "stanza_id"]
+            )
             async with self._sessions.begin() as session:
-                await session.execute(insert(ARCHIVE_TABLE), rows)
+                await session.execute(stmt, rows)
 
     async def append_many(self, owner: str, entries: Iterable[ArchiveEntry]) -> None:
         """Archive many messages in one transaction and one executemany (imports, tests)."""

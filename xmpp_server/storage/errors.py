@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import SQLAlchemyError
+
 
 class NotMigrated(Exception):
     """The database schema is not the one this code was written for: refuse to touch it."""
@@ -34,3 +36,8 @@ class RoomNotFound(LookupError):
     def __init__(self, room: str) -> None:
         super().__init__(f"no room {room}")
         self.room = room
+
+
+# What a store raises when the database cannot be reached or cannot write right now (server
+# down, connection reset, a lock or a full disk): worth a "try again later", not a crash.
+STORAGE_DOWN: tuple[type[Exception], ...] = (SQLAlchemyError, OSError)

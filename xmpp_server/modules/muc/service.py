@@ -669,11 +669,13 @@ class Muc(Module):
         out.set("from", str(room.occupant_jid(occupant.nick)))
         for old in out.findall(STANZA_ID):
             out.remove(old)  # §6 of XEP-0359: ids by the room come only from the room
+        content = any(child.tag in _ARCHIVED for child in out)
+        mam = self.mam
+        if content and room.config.archive and mam is not None:
+            mam.admit()  # the room's archive is behind: a wait error, before anyone gets it
         sid = new_stanza_id()
         ET.SubElement(out, STANZA_ID, {"id": sid, "by": str(room.jid)})
-        content = any(child.tag in _ARCHIVED for child in out)
         now = datetime.now(UTC)
-        mam = self.mam
         if content and room.config.archive and mam is not None:
             now = mam.enqueue(room.jid, room.occupant_jid(occupant.nick), "in", out, sid)
         if out.find(BODY) is not None:
