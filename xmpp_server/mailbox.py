@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -39,7 +40,7 @@ class Letter:
     """One message on its way into (and later out of) the mailbox table."""
 
     user: str  # the recipient's bare JID
-    xml: str  # the stored form (with its XEP-0203 delay)
+    xml: str | Callable[[], str]  # the stored form, or how to make it when it is written
     seq: int
     state: Literal["queued", "writing", "stored", "dropped"] = "queued"
     id: int | None = None  # the row id, once stored
@@ -74,8 +75,10 @@ class Mailbox:
 
     # -- the senders' side ------------------------------------------------------------
 
-    async def put(self, user: str, xml: str) -> Letter:
-        """Queue a row for ``user``; waits only while the backlog is over ``max_backlog``."""
+    async def put(self, user: str, xml: str | Callable[[], str]) -> Letter:
+        """Queue a row for ``user``; waits only while the backlog is over ``max_backlog``.
+        ``xml`` may be a function, called only if the row is written: a message its
+        recipient acknowledged before the batch was taken is never serialised for it."""
         while len(self._ops) >= self.max_backlog:
             self._space.clear()
             await self._space.wait()
@@ -161,11 +164,22 @@ class Mailbox:
             await self._write(batch)
 
     async def _write(self, batch: list[Letter | _Deletion]) -> None:
-        letters = [op for op in batch if isinstance(op, Letter) and op.state == "queued"]
+        letters: list[Letter] = []
+        rows: list[tuple[str, str]] = []
+        for op in batch:
+            if not isinstance(op, Letter) or op.state != "queued":
+                continue
+            if not isinstance(op.xml, str):
+                try:
+                    op.xml = op.xml()
+                except Exception:  # never expected; one bad message must not stop the writer
+                    log.exception("mailbox: could not serialise a message for %s", op.user)
+                    op.state = "dropped"
+                    continue
+            op.state = "writing"
+            letters.append(op)
+            rows.append((op.user, op.xml))
         deletions = [i for op in batch if isinstance(op, _Deletion) for i in op.ids]
-        for letter in letters:
-            letter.state = "writing"
-        rows = [(letter.user, letter.xml) for letter in letters]
         delay = RETRY_FIRST
         ids: list[int] = []
         while rows or deletions:

@@ -14,6 +14,7 @@ Stored copies carry a XEP-0203 ``<delay/>`` so clients show the original time.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -120,19 +121,26 @@ class Offline(Module):
         then just writes it)."""
         if message.get("type", "normal") not in ("chat", "normal") or not worth_storing(message):
             return False
-        # The stored copy carries the delay; the live one does not.
-        delay = None
-        if message.find(qn(NS_DELAY, "delay")) is None:
-            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            delay = ET.SubElement(
-                message, qn(NS_DELAY, "delay"), {"from": self.host.domain, "stamp": stamp}
-            )
-        xml = tostring(message)
-        if delay is not None:
-            message.remove(delay)
+        if all(getattr(s, "sm", None) is None for s in sessions):
+            # Clients without stream management never acknowledge: their row would be
+            # deleted as soon as the message is written, which happens now. If a session is
+            # already closing, the message takes the rescue path (another resource or this
+            # mailbox) as before.
+            return False
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        xml = partial(self._stored_form, message, stamp)
         letter = await self.mailbox.put(str(to.bare), xml)
         self._deliver_letter(letter, message, sessions)
         return True
+
+    def _stored_form(self, message: Element, stamp: str) -> str:
+        """The row's XML: ``message`` with a XEP-0203 delay of when it arrived (the live copy
+        has none), made when the row is written, in a shallow copy."""
+        if message.find(qn(NS_DELAY, "delay")) is not None:
+            return tostring(message)
+        stored = copy.copy(message)
+        ET.SubElement(stored, qn(NS_DELAY, "delay"), {"from": self.host.domain, "stamp": stamp})
+        return tostring(stored)
 
     def _deliver_letter(self, letter: Letter, message: Element, sessions: list[Session]) -> None:
         letter.outstanding += len(sessions)
